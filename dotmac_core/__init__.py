@@ -1,0 +1,110 @@
+"""dotmac_core: an async data layer on SQLModel and SQLAlchemy 2.
+
+Everything public is importable from here: ``from dotmac_core import DBBaseModel``.
+"""
+
+from .config import CacheConfig as CacheConfig
+from .config import DatabaseConfig as DatabaseConfig
+from .config import SecurityConfig as SecurityConfig
+from .db.database import Database as Database
+from .db.database import configure_database as configure_database
+from .db.database import get_database as get_database
+from .db.models import NAMING_CONVENTION as NAMING_CONVENTION
+from .db.models import AuditMixin as AuditMixin
+from .db.models import BaseModel as BaseModel
+from .db.models import DBBaseModel as DBBaseModel
+from .db.models import SoftDeleteMixin as SoftDeleteMixin
+from .db.models import TableNamingMixin as TableNamingMixin
+from .db.models import TenantBaseModel as TenantBaseModel
+from .db.models import TenantMixin as TenantMixin
+from .db.models import TimestampMixin as TimestampMixin
+from .db.models import UUIDMixin as UUIDMixin
+from .db.models import snake_case as snake_case
+from .exceptions import AlreadyExistsError as AlreadyExistsError
+from .exceptions import AuthenticationError as AuthenticationError
+from .exceptions import AuthorizationError as AuthorizationError
+from .exceptions import BusinessRuleError as BusinessRuleError
+from .exceptions import ConfigurationError as ConfigurationError
+from .exceptions import DatabaseConnectionError as DatabaseConnectionError
+from .exceptions import DatabaseError as DatabaseError
+from .exceptions import DotMacError as DotMacError
+from .exceptions import IntegrityConstraintError as IntegrityConstraintError
+from .exceptions import MissingDependencyError as MissingDependencyError
+from .exceptions import NotFoundError as NotFoundError
+from .exceptions import OperationTimeoutError as OperationTimeoutError
+from .exceptions import RateLimitExceededError as RateLimitExceededError
+from .exceptions import ServiceError as ServiceError
+from .exceptions import TenantError as TenantError
+from .exceptions import TransactionConflictError as TransactionConflictError
+from .exceptions import ValidationError as ValidationError
+from .exceptions import translate_errors as translate_errors
+from .guards import is_cache_available as is_cache_available
+from .guards import is_database_available as is_database_available
+from .guards import is_schemas_available as is_schemas_available
+from .guards import require_cache as require_cache
+from .guards import require_database as require_database
+from .guards import require_schemas as require_schemas
+from .tenancy import TenantContext as TenantContext
+from .tenancy import TenantToken as TenantToken
+from .tenancy import current_user_id as current_user_id
+from .tenancy import get_current_tenant as get_current_tenant
+from .tenancy import get_tenant_context as get_tenant_context
+from .tenancy import require_current_tenant as require_current_tenant
+from .tenancy import reset_current_tenant as reset_current_tenant
+from .tenancy import set_current_tenant as set_current_tenant
+from .tenancy import tenant_scope as tenant_scope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "AlreadyExistsError",
+    "AuditMixin",
+    "AuthenticationError",
+    "AuthorizationError",
+    "BaseModel",
+    "BusinessRuleError",
+    "CacheConfig",
+    "ConfigurationError",
+    "DBBaseModel",
+    "Database",
+    "DatabaseConfig",
+    "DatabaseConnectionError",
+    "DatabaseError",
+    "DotMacError",
+    "IntegrityConstraintError",
+    "MissingDependencyError",
+    "NotFoundError",
+    "OperationTimeoutError",
+    "RateLimitExceededError",
+    "SecurityConfig",
+    "ServiceError",
+    "SoftDeleteMixin",
+    "TableNamingMixin",
+    "TenantBaseModel",
+    "TenantContext",
+    "TenantError",
+    "TenantMixin",
+    "TenantToken",
+    "TimestampMixin",
+    "TransactionConflictError",
+    "UUIDMixin",
+    "ValidationError",
+    "configure_database",
+    "current_user_id",
+    "get_current_tenant",
+    "get_database",
+    "get_tenant_context",
+    "is_cache_available",
+    "is_database_available",
+    "is_schemas_available",
+    "require_cache",
+    "require_current_tenant",
+    "require_database",
+    "require_schemas",
+    "reset_current_tenant",
+    "set_current_tenant",
+    "snake_case",
+    "tenant_scope",
+    "translate_errors",
+]

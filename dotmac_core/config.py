@@ -1,0 +1,232 @@
+"""Settings from the environment: `DOTMAC_DB_*`, `DOTMAC_CACHE_*`, `DOTMAC_SECURITY_*`.
+
+Keyword arguments win over environment variables, which win over defaults.
+The defaults give the embedded setup: a SQLite file and an in-memory cache.
+Secrets are `SecretStr`: they never appear in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import quote
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .exceptions import ConfigurationError
+
+__all__ = ["CacheConfig", "DatabaseConfig", "SecurityConfig"]
+
+Driver = Literal["sqlite", "postgresql"]
+
+#: The async driver dotmac_core runs each database on.
+_ASYNC_DRIVERS: dict[str, str] = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+}
+#: Schemes users paste from elsewhere, and the async driver each means.
+_SCHEME_ALIASES: dict[str, str] = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
+class _Settings(BaseSettings):
+    """Base of the config classes: errors become `ConfigurationError`, secret-free."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+                for err in exc.errors(include_input=False, include_url=False)
+            )
+            fields = [".".join(str(p) for p in err["loc"]) for err in exc.errors()]
+            # `from None`: pydantic's error embeds the input values, which may be
+            # secrets; the message above names every field and problem instead.
+            msg = f"invalid {type(self).__name__}: {problems}"
+            raise ConfigurationError(
+                msg,
+                field=fields[0] if fields else None,
+                details={"fields": fields},
+            ) from None
+
+
+class DatabaseConfig(_Settings):
+    """Where and how to connect to the database (`DOTMAC_DB_*`).
+
+    Give either `url` or the parts (`driver`, `host`, `port`, `database`,
+    `user`, `password`). `postgresql://` and `postgres://` URLs run on asyncpg,
+    `sqlite://` on aiosqlite; other drivers are refused (dotmac_core is async-only).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOTMAC_DB_", extra="forbid", validate_default=True
+    )
+
+    url: SecretStr | None = None
+    """Full database URL; wins over the parts below. Secret: it may hold a password."""
+    driver: Driver = "sqlite"
+    """Database kind when `url` is not given: `sqlite` or `postgresql`."""
+    host: str = "127.0.0.1"
+    """Server host (PostgreSQL)."""
+    port: int = Field(default=5432, ge=1, le=65535)
+    """Server port (PostgreSQL)."""
+    database: str = "dotmac.db"
+    """Database name (PostgreSQL) or file path (SQLite; `:memory:` for memory)."""
+    user: str | None = None
+    """User name (PostgreSQL)."""
+    password: SecretStr | None = None
+    """Password (PostgreSQL)."""
+    pool_size: int = Field(default=10, ge=1)
+    """Connections kept open in the pool."""
+    max_overflow: int = Field(default=10, ge=0)
+    """Extra connections allowed above `pool_size` under load."""
+    pool_timeout: float = Field(default=30.0, gt=0)
+    """Seconds to wait for a free connection before `OperationTimeoutError`."""
+    pool_recycle: float | None = Field(default=1800.0, gt=0)
+    """Seconds after which a pooled connection is replaced; `None` never."""
+    pool_pre_ping: bool = True
+    """Check a pooled connection before use, so a restarted server costs no error."""
+    statement_timeout: float | None = Field(default=None, gt=0)
+    """Server-side limit per statement in seconds (PostgreSQL `statement_timeout`)."""
+    command_timeout: float | None = Field(default=None, gt=0)
+    """Client-side limit per command in seconds (asyncpg `command_timeout`)."""
+    sqlite_busy_timeout: float = Field(default=5.0, ge=0)
+    """Seconds SQLite waits on a locked database before giving up."""
+    echo: bool = False
+    """Log every SQL statement (development only)."""
+    pgbouncer: bool = False
+    """Behind a transaction-mode pooler: no server-side prepared statement reuse."""
+    application_name: str | None = "dotmac_core"
+    """Name shown in `pg_stat_activity` (PostgreSQL)."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _normalise_url(value.get_secret_value())
+        return value
+
+    def sqlalchemy_url(self) -> URL:
+        """Return the async SQLAlchemy URL (its repr masks the password)."""
+        if self.url is not None:
+            return _normalise_url(self.url.get_secret_value())
+        if self.driver == "sqlite":
+            return URL.create(_ASYNC_DRIVERS["sqlite"], database=self.database)
+        return URL.create(
+            _ASYNC_DRIVERS["postgresql"],
+            username=self.user,
+            password=_reveal(self.password),
+            host=self.host,
+            port=self.port,
+            database=self.database,
+        )
+
+    @property
+    def dialect(self) -> Driver:
+        """Return `sqlite` or `postgresql`, whichever this config connects to."""
+        name = self.sqlalchemy_url().get_backend_name()
+        return "sqlite" if name == "sqlite" else "postgresql"
+
+
+def _normalise_url(raw: str) -> URL:
+    """Parse `raw` and move it onto the async driver dotmac_core uses."""
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        # ArgumentError's text repeats the URL, password included: say less.
+        msg = "url is not a valid database URL (expected scheme://...)"
+        raise ValueError(msg) from None
+    target = _SCHEME_ALIASES.get(url.drivername)
+    if target is None:
+        msg = (
+            f"unsupported database driver {url.drivername!r}: dotmac_core runs "
+            "PostgreSQL on asyncpg and SQLite on aiosqlite"
+        )
+        raise ValueError(msg)
+    return url.set(drivername=target)
+
+
+class CacheConfig(_Settings):
+    """Which cache to use and how patiently to talk to it (`DOTMAC_CACHE_*`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOTMAC_CACHE_", extra="forbid", validate_default=True
+    )
+
+    backend: Literal["memory", "redis", "redis-cluster"] = "memory"
+    """Cache backend: in-process `memory`, `redis` or `redis-cluster`."""
+    url: SecretStr | None = None
+    """Redis URL (`redis://`, `rediss://`); wins over host/port/db. Secret."""
+    host: str = "127.0.0.1"
+    """Redis host."""
+    port: int = Field(default=6379, ge=1, le=65535)
+    """Redis port."""
+    db: int = Field(default=0, ge=0)
+    """Redis logical database (not used by Redis Cluster)."""
+    password: SecretStr | None = None
+    """Redis password."""
+    ttl_default: int = Field(default=300, ge=1)
+    """Seconds an entry lives when a call gives no TTL."""
+    key_prefix: str = "dotmac:"
+    """Prefix of every key this service writes."""
+    socket_timeout: float = Field(default=0.25, gt=0)
+    """Seconds to wait for a Redis reply before treating Redis as down."""
+    socket_connect_timeout: float = Field(default=0.25, gt=0)
+    """Seconds to wait for a Redis connection."""
+    max_connections: int = Field(default=50, ge=1)
+    """Size of the Redis connection pool."""
+    max_entries: int = Field(default=10_000, ge=1)
+    """Entries the memory backend keeps before evicting the least recently used."""
+    fail_open: bool = True
+    """When Redis is down: `True` behaves as a miss / no-op, `False` raises."""
+    circuit_breaker_threshold: int = Field(default=5, ge=1)
+    """Consecutive failures that open the circuit (calls skip Redis)."""
+    circuit_breaker_reset: float = Field(default=5.0, gt=0)
+    """Seconds the circuit stays open before one call probes Redis again."""
+
+    def redis_url(self) -> str:
+        """Return the Redis URL built from `url` or host/port/db (password kept)."""
+        if self.url is not None:
+            return self.url.get_secret_value()
+        password = _reveal(self.password)
+        auth = "" if password is None else f":{quote(password, safe='')}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
+
+
+_PROCESS_SECRET = secrets.token_urlsafe(32)
+
+
+class SecurityConfig(_Settings):
+    """Secrets and request conventions (`DOTMAC_SECURITY_*`).
+
+    Without `DOTMAC_SECURITY_SECRET_KEY` a random key is made once per process:
+    fine for one process, but set it when several processes share cursors.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOTMAC_SECURITY_", extra="forbid", validate_default=True
+    )
+
+    secret_key: SecretStr = Field(
+        default_factory=lambda: SecretStr(_PROCESS_SECRET), min_length=16
+    )
+    """Key that signs pagination cursors; at least 16 characters. Secret."""
+    tenant_header: str = "X-Tenant-ID"
+    """HTTP header that carries the tenant id."""
+    user_header: str = "X-User-ID"
+    """HTTP header that carries the acting user's id."""

@@ -1,0 +1,1 @@
+"""Database side of dotmac_core: models, the engine, transactions, repositories."""

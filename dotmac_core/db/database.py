@@ -1,0 +1,234 @@
+"""`Database`: the async engine, its session factory, and the default registry."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Self
+from uuid import uuid4
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from ..config import DatabaseConfig
+from ..exceptions import ConfigurationError, translate_errors
+from ..guards import require_database
+from .models import DBBaseModel
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sqlalchemy import Connection, MetaData
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = ["Database", "configure_database", "get_database"]
+
+logger = logging.getLogger("dotmac_core.db")
+
+
+class Database:
+    """An async engine plus a session factory, built from a URL or a `DatabaseConfig`.
+
+    Sessions do not expire objects on commit, so attributes stay readable
+    after a commit without implicit I/O. Use as `async with Database(url) as db:`
+    to dispose of the pool on exit.
+
+    Args:
+        config: A URL (str or `sqlalchemy.URL`) or a `DatabaseConfig`; `None`
+            reads `DatabaseConfig()` from the environment.
+        **engine_options: Passed to `create_async_engine`, over the defaults.
+
+    Raises:
+        ConfigurationError: the URL or a setting is invalid.
+        MissingDependencyError: the database's driver extra is not installed.
+    """
+
+    def __init__(
+        self,
+        config: str | URL | DatabaseConfig | None = None,
+        **engine_options: Any,
+    ) -> None:
+        if config is None:
+            config = DatabaseConfig()
+        elif isinstance(config, URL):
+            config = DatabaseConfig(url=config.render_as_string(hide_password=False))
+        elif isinstance(config, str):
+            config = DatabaseConfig(url=config)
+        self.config: DatabaseConfig = config
+        self.url: URL = config.sqlalchemy_url()
+        self.dialect: str = config.dialect
+        require_database("sqlite" if self.dialect == "sqlite" else "postgresql")
+        options = (
+            _sqlite_options(config) if self.dialect == "sqlite" else _pg_options(config)
+        )
+        options.update(engine_options)
+        self.engine: AsyncEngine = create_async_engine(self.url, **options)
+        if self.dialect == "sqlite":
+            _install_sqlite_hooks(self.engine, config)
+        self.session_factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine, class_=AsyncSession, expire_on_commit=False
+        )
+
+    def __repr__(self) -> str:
+        return f"Database({self.url!r})"  # URL's repr masks the password
+
+    def session(self) -> AsyncSession:
+        """Return a new `AsyncSession` (close it, or use it with `async with`)."""
+        return self.session_factory()
+
+    async def create_all(self, metadata: MetaData | None = None) -> None:
+        """Create the missing tables of `metadata` (default: the `DBBaseModel` ones)."""
+        target = DBBaseModel.metadata if metadata is None else metadata
+        with translate_errors():
+            async with self.engine.begin() as conn:
+                await conn.run_sync(target.create_all)
+
+    async def drop_all(self, metadata: MetaData | None = None) -> None:
+        """Drop the tables of `metadata` (default: all `DBBaseModel` tables)."""
+        target = DBBaseModel.metadata if metadata is None else metadata
+        with translate_errors():
+            async with self.engine.begin() as conn:
+                await conn.run_sync(target.drop_all)
+
+    async def ping(self) -> None:
+        """Run `SELECT 1`; raise a `DatabaseError` if the database cannot be reached."""
+        with translate_errors():
+            async with self.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+
+    async def dispose(self) -> None:
+        """Close every pooled connection; the engine reconnects if used again."""
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.dispose()
+
+
+def _pool_options(config: DatabaseConfig) -> dict[str, Any]:
+    return {
+        "echo": config.echo,
+        "pool_pre_ping": config.pool_pre_ping,
+        "pool_size": config.pool_size,
+        "max_overflow": config.max_overflow,
+        "pool_timeout": config.pool_timeout,
+        "pool_recycle": -1 if config.pool_recycle is None else config.pool_recycle,
+    }
+
+
+def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
+    server_settings: dict[str, str] = {}
+    if config.application_name:
+        server_settings["application_name"] = config.application_name
+    if config.statement_timeout is not None:
+        server_settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    if config.command_timeout is not None:
+        connect_args["command_timeout"] = config.command_timeout
+    if config.pgbouncer:
+        # Transaction-mode poolers hand each transaction to any server
+        # connection: named prepared statements must neither be cached by
+        # asyncpg nor reused by name (SQLAlchemy's documented recipe).
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_cache_size"] = 0
+        connect_args["prepared_statement_name_func"] = _unique_statement_name
+    return {**_pool_options(config), "connect_args": connect_args}
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid4()}__"
+
+
+def _is_memory(config: DatabaseConfig) -> bool:
+    database = config.sqlalchemy_url().database
+    return database in (None, "", ":memory:") or "mode=memory" in str(database)
+
+
+def _sqlite_options(config: DatabaseConfig) -> dict[str, Any]:
+    if _is_memory(config):
+        # SQLAlchemy picks a StaticPool (one shared connection) for memory
+        # databases; pool sizing does not apply.
+        return {"echo": config.echo}
+    return _pool_options(config)
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
+    """WAL, foreign keys, busy timeout, and SQLAlchemy's BEGIN workaround.
+
+    The sqlite3 module opens transactions lazily and never before SAVEPOINT,
+    so a savepoint taken first would survive its outer rollback. Turning the
+    driver's transaction handling off and emitting BEGIN ourselves fixes that.
+    """
+    busy_ms = int(config.sqlite_busy_timeout * 1000)
+    memory = _is_memory(config)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                # Durable at each checkpoint; with WAL this loses no committed
+                # transaction on a process crash, only on power loss.
+                cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+_default: Database | None = None
+
+
+def configure_database(
+    database: Database | DatabaseConfig | str | URL | None = None,
+    **engine_options: Any,
+) -> Database:
+    """Register the default `Database`, built from the argument or the environment.
+
+    Returns:
+        The registered database, used wherever no database is passed.
+    """
+    global _default
+    if isinstance(database, Database):
+        if engine_options:
+            msg = (
+                "engine options apply only when configure_database builds the database"
+            )
+            raise ConfigurationError(msg)
+        _default = database
+    else:
+        _default = Database(database, **engine_options)
+    return _default
+
+
+def get_database() -> Database:
+    """Return the default `Database`.
+
+    Raises:
+        ConfigurationError: `configure_database()` has not been called.
+    """
+    if _default is None:
+        msg = "no default database: call configure_database() at startup"
+        raise ConfigurationError(msg)
+    return _default
+
+
+def _reset_default_database() -> None:
+    """Forget the default database (for tests)."""
+    global _default
+    _default = None

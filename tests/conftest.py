@@ -1,0 +1,110 @@
+"""Service discovery and backend fixtures shared by the whole suite.
+
+Backends are fixture parameters (`db`: sqlite | postgres), so one suite covers
+every backend. A service that cannot be reached skips its tests with the URL
+in the reason, or fails them when `CI=true` or `DOTMAC_REQUIRE_SERVICES=1`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+from sqlalchemy.engine import make_url
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from dotmac_core import Database, DotMacError, tenant_scope
+from dotmac_core.db.database import _reset_default_database
+
+from . import models  # noqa: F401 - registers the test tables on the metadata
+
+PG_URL = os.environ.get(
+    "DOTMAC_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("DOTMAC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def services_required() -> bool:
+    """Return whether a missing service must fail the run instead of skipping."""
+    return (
+        os.environ.get("CI", "").lower() in ("1", "true")
+        or os.environ.get("DOTMAC_REQUIRE_SERVICES") == "1"
+    )
+
+
+def service_unavailable(what: str, url: str, exc: BaseException) -> NoReturn:
+    """Skip (locally) or fail (in CI) because `what` at `url` is unreachable."""
+    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    reason = f"{what} unreachable at {shown}: {type(exc).__name__}: {exc}"
+    if services_required():
+        pytest.fail(f"{reason} (required because CI / DOTMAC_REQUIRE_SERVICES is set)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ],
+)
+async def db(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Database]:
+    """A `Database` with every test table created, on each backend."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "test.db"
+        database = Database(f"sqlite+aiosqlite:///{path}")
+    else:
+        database = Database(PG_URL, pool_size=5, max_overflow=5)
+        try:
+            await database.ping()
+        except DotMacError as exc:
+            await database.dispose()
+            service_unavailable("PostgreSQL", PG_URL, exc)
+    await database.drop_all()
+    await database.create_all()
+    yield database
+    await database.drop_all()
+    await database.dispose()
+
+
+@pytest.fixture
+async def session(db: Database) -> AsyncIterator[AsyncSession]:
+    """A session inside an outer transaction that is rolled back after the test.
+
+    The session's own commits become savepoints, so tests may commit freely.
+    """
+    async with db.engine.connect() as conn:
+        outer = await conn.begin()
+        async with AsyncSession(
+            bind=conn,
+            join_transaction_mode="create_savepoint",
+            expire_on_commit=False,
+        ) as sess:
+            yield sess
+        await outer.rollback()
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    """Path of a fresh SQLite file for tests that need their own database."""
+    return tmp_path / "own.db"
+
+
+@pytest.fixture
+def acme() -> Iterator[None]:
+    """Run the test with tenant `acme` and user `alice` current."""
+    with tenant_scope("acme", user_id="alice"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_default_database() -> Iterator[None]:
+    """Each test starts and ends without a registered default database."""
+    _reset_default_database()
+    yield
+    _reset_default_database()
