@@ -8,8 +8,8 @@ Secrets are `SecretStr`: they never appear in a repr, a log line or an error.
 from __future__ import annotations
 
 import secrets
-from urllib.parse import quote
 from typing import Any, Literal
+from urllib.parse import quote
 
 import pydantic
 from pydantic import Field, SecretStr, field_validator
@@ -73,7 +73,10 @@ class DatabaseConfig(_Settings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="DOTMAC_DB_", extra="forbid", validate_default=True
+        env_prefix="DOTMAC_DB_",
+        extra="forbid",
+        validate_default=True,
+        env_ignore_empty=True,
     )
 
     url: SecretStr | None = None
@@ -164,7 +167,10 @@ class CacheConfig(_Settings):
     """Which cache to use and how patiently to talk to it (`DOTMAC_CACHE_*`)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="DOTMAC_CACHE_", extra="forbid", validate_default=True
+        env_prefix="DOTMAC_CACHE_",
+        extra="forbid",
+        validate_default=True,
+        env_ignore_empty=True,
     )
 
     backend: Literal["memory", "redis", "redis-cluster"] = "memory"
@@ -219,7 +225,10 @@ class SecurityConfig(_Settings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="DOTMAC_SECURITY_", extra="forbid", validate_default=True
+        env_prefix="DOTMAC_SECURITY_",
+        extra="forbid",
+        validate_default=True,
+        env_ignore_empty=True,
     )
 
     secret_key: SecretStr = Field(

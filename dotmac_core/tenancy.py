@@ -101,8 +101,11 @@ class TenantToken:
         self._token = token
 
     def __await__(self) -> Generator[None, None, TenantToken]:
-        return self
-        yield  # pragma: no cover - makes this a generator that finishes at once
+        return _ready(self).__await__()
+
+
+async def _ready(token: TenantToken) -> TenantToken:
+    return token
 
 
 def _as_context(

@@ -8,15 +8,15 @@ in the reason, or fails them when `CI=true` or `DOTMAC_REQUIRE_SERVICES=1`.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy.engine import make_url
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from dotmac_core import Database, DotMacError, tenant_scope
+from dotmac_core import Database, DatabaseConfig, DotMacError, tenant_scope
 from dotmac_core.db.database import _reset_default_database
 
 from . import models  # noqa: F401 - registers the test tables on the metadata
@@ -108,3 +108,22 @@ def _no_default_database() -> Iterator[None]:
     _reset_default_database()
     yield
     _reset_default_database()
+
+
+@pytest.fixture
+async def pg_factory() -> AsyncIterator[Callable[..., Awaitable[Database]]]:
+    """Build extra PostgreSQL `Database`s with custom settings; disposed afterwards."""
+    made: list[Database] = []
+
+    async def make(**settings: Any) -> Database:
+        database = Database(DatabaseConfig(url=PG_URL, **settings))
+        made.append(database)
+        try:
+            await database.ping()
+        except DotMacError as exc:
+            service_unavailable("PostgreSQL", PG_URL, exc)
+        return database
+
+    yield make
+    for database in made:
+        await database.dispose()

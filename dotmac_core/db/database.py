@@ -157,8 +157,13 @@ def _sqlite_options(config: DatabaseConfig) -> dict[str, Any]:
     if _is_memory(config):
         # SQLAlchemy picks a StaticPool (one shared connection) for memory
         # databases; pool sizing does not apply.
-        return {"echo": config.echo}
-    return _pool_options(config)
+        options: dict[str, Any] = {"echo": config.echo}
+    else:
+        options = _pool_options(config)
+    # sqlite3's own busy handler (`timeout`, 5 s by default) would otherwise
+    # outlast a shorter PRAGMA busy_timeout.
+    options["connect_args"] = {"timeout": config.sqlite_busy_timeout}
+    return options
 
 
 def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
@@ -173,7 +178,7 @@ def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-        dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+        dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute("PRAGMA foreign_keys=ON")

@@ -66,7 +66,7 @@ def _stamp_tenant() -> str:
 class TableNamingMixin(SQLModel):
     """Names the table after the class in snake_case unless `__tablename__` is set."""
 
-    @declared_attr  # type: ignore[misc]  # SQLModel declares it the same way
+    @declared_attr.directive
     def __tablename__(cls) -> str:
         return snake_case(cls.__name__)
 

@@ -52,13 +52,15 @@ async def test_savepoint_first_is_rolled_back_with_outer(db: Database) -> None:
     """
     number = f"SP-{db.dialect}"
     async with db.session() as session:
-        with pytest.raises(RuntimeError, match="outer fails"):
+        with pytest.raises(RuntimeError, match="outer fails"):  # noqa: PT012
             async with session.begin():
                 async with session.begin_nested():
                     session.add(Invoice(number=number, tenant_id="acme"))
                 raise RuntimeError("outer fails")
     async with db.session() as session:
-        found = (await session.exec(select(Invoice).where(Invoice.number == number))).all()
+        found = (
+            await session.exec(select(Invoice).where(Invoice.number == number))
+        ).all()
     assert found == []
 
 
@@ -120,7 +122,9 @@ async def test_pgbouncer_mode_runs_queries() -> None:
             service_unavailable("PostgreSQL", PG_URL, exc)
         async with db.engine.connect() as conn:
             for _ in range(3):
-                value = await conn.execute(text("SELECT CAST(:x AS INTEGER) + 1"), {"x": 41})
+                value = await conn.execute(
+                    text("SELECT CAST(:x AS INTEGER) + 1"), {"x": 41}
+                )
                 assert value.scalar() == 42
             timeout = await conn.exec_driver_sql("SHOW statement_timeout")
             assert timeout.scalar() == "5s"
@@ -150,3 +154,15 @@ async def test_configure_from_environment(
     assert db.url.database == str(sqlite_path)
     await db.ping()
     await db.dispose()
+
+
+async def test_database_from_url_object_and_options(sqlite_path: Path) -> None:
+    """A `sqlalchemy.URL` is accepted; `pool_recycle=None` disables recycling."""
+    from sqlalchemy.engine import make_url
+
+    config = DatabaseConfig(url=f"sqlite:///{sqlite_path}", pool_recycle=None)
+    async with Database(config) as db:
+        assert db.engine.pool._recycle == -1  # type: ignore[attr-defined]
+    async with Database(make_url(f"sqlite+aiosqlite:///{sqlite_path}")) as db:
+        await db.ping()
+        assert db.url.database == str(sqlite_path)

@@ -114,3 +114,15 @@ def test_default_secret_is_stable_within_a_process() -> None:
     first = SecurityConfig().secret_key.get_secret_value()
     assert len(first) >= 32
     assert SecurityConfig().secret_key.get_secret_value() == first
+
+
+def test_empty_environment_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DOTMAC_DB_URL=` (empty) falls back to the default instead of failing."""
+    monkeypatch.setenv("DOTMAC_DB_URL", "")
+    assert DatabaseConfig().url is None
+
+
+def test_ipv6_and_password_in_redis_url() -> None:
+    """Redis URLs quote the password and bracket IPv6 hosts."""
+    config = CacheConfig(host="::1", password="p@ss/word")
+    assert config.redis_url() == "redis://:p%40ss%2Fword@[::1]:6379/0"

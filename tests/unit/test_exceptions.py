@@ -73,7 +73,10 @@ def test_to_dict_and_status() -> None:
         "retry_after": 2.5
     }
     assert DotMacError("m", code="custom").code == "custom"
-    assert repr(TenantError("no tenant")) == "TenantError('no tenant', code='tenant_error')"
+    assert (
+        repr(TenantError("no tenant"))
+        == "TenantError('no tenant', code='tenant_error')"
+    )
 
 
 def test_transient_flags() -> None:

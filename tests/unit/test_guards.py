@@ -9,6 +9,7 @@ import pytest
 
 from dotmac_core import (
     MissingDependencyError,
+    guards,
     is_cache_available,
     is_database_available,
     is_schemas_available,
@@ -16,7 +17,6 @@ from dotmac_core import (
     require_database,
     require_schemas,
 )
-from dotmac_core import guards
 
 
 def test_installed_extras_are_available() -> None:

@@ -165,7 +165,9 @@ def test_utc_datetime_binding() -> None:
         column_type.process_bind_param(datetime(2026, 1, 1), sqlite.dialect())
     with pytest.raises(TypeError, match="datetime"):
         column_type.process_bind_param("2026-01-01", sqlite.dialect())
-    naive_read = column_type.process_result_value(datetime(2026, 1, 1), sqlite.dialect())
+    naive_read = column_type.process_result_value(
+        datetime(2026, 1, 1), sqlite.dialect()
+    )
     assert naive_read == datetime(2026, 1, 1, tzinfo=UTC)
     aware_read = column_type.process_result_value(plus_two, postgresql.dialect())
     assert aware_read is not None

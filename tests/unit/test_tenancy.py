@@ -62,7 +62,7 @@ def test_scope_nests_and_restores() -> None:
     """`tenant_scope` restores the outer tenant, also after an exception."""
     with tenant_scope("a", user_id="u1") as ctx:
         assert ctx == TenantContext("a", "u1")
-        with pytest.raises(RuntimeError), tenant_scope("b"):
+        with pytest.raises(RuntimeError), tenant_scope("b"):  # noqa: PT012
             assert get_current_tenant() == "b"
             raise RuntimeError
         assert get_current_tenant() == "a"
@@ -103,7 +103,7 @@ def test_context_is_immutable() -> None:
 
 
 async def test_child_tasks_inherit() -> None:
-    """asyncio and anyio child tasks see the tenant current when they start."""
+    """Asyncio and anyio child tasks see the tenant current when they start."""
     seen: list[str | None] = []
 
     async def record() -> None:
