@@ -20,6 +20,11 @@ from dotmac_core import Database, DatabaseConfig, DotMacError, tenant_scope
 from dotmac_core.db.database import _reset_default_database
 
 from . import models  # noqa: F401 - registers the test tables on the metadata
+from .redis_servers import (  # noqa: F401 - fixtures shared by the whole suite
+    redis_cluster,
+    redis_prefix,
+    redis_url,
+)
 
 PG_URL = os.environ.get(
     "DOTMAC_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
