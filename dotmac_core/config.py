@@ -81,8 +81,9 @@ class DatabaseConfig(_Settings):
 
     url: SecretStr | None = None
     """Full database URL; wins over the parts below. Secret: it may hold a password."""
-    driver: Driver = "sqlite"
-    """Database kind when `url` is not given: `sqlite` or `postgresql`."""
+    driver: Driver | None = None
+    """`sqlite` or `postgresql` when `url` is not given; unset, a config naming a
+    host, port, user or password means PostgreSQL, anything else SQLite."""
     host: str = "127.0.0.1"
     """Server host (PostgreSQL)."""
     port: int = Field(default=5432, ge=1, le=65535)
@@ -127,7 +128,7 @@ class DatabaseConfig(_Settings):
         """Return the async SQLAlchemy URL (its repr masks the password)."""
         if self.url is not None:
             return _normalise_url(self.url.get_secret_value())
-        if self.driver == "sqlite":
+        if self._driver() == "sqlite":
             return URL.create(_ASYNC_DRIVERS["sqlite"], database=self.database)
         return URL.create(
             _ASYNC_DRIVERS["postgresql"],
@@ -137,6 +138,12 @@ class DatabaseConfig(_Settings):
             port=self.port,
             database=self.database,
         )
+
+    def _driver(self) -> Driver:
+        if self.driver is not None:
+            return self.driver
+        server_fields = {"host", "port", "user", "password"}
+        return "postgresql" if server_fields & self.model_fields_set else "sqlite"
 
     @property
     def dialect(self) -> Driver:

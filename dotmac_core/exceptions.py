@@ -281,10 +281,10 @@ class MissingDependencyError(DotMacError, ImportError):
 
     default_code = "missing_dependency"
 
-    def __init__(self, package: str, extra: str) -> None:
+    def __init__(self, package: str, extra: str | None) -> None:
+        target = "dotmac-core" if extra is None else f"dotmac-core[{extra}]"
         super().__init__(
-            f"{package!r} is not installed; install it with "
-            f"pip install 'dotmac-core[{extra}]'",
+            f"{package!r} is not installed; install it with pip install '{target}'",
             details={"package": package, "extra": extra},
         )
         self.package = package

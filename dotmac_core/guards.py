@@ -59,7 +59,7 @@ def require_schemas() -> None:
     """Raise `MissingDependencyError` unless pydantic and SQLModel are installed."""
     for module in ("pydantic", "sqlmodel"):
         if not _installed(module):
-            raise MissingDependencyError(module, "all")
+            raise MissingDependencyError(module, None)  # a core dependency
 
 
 def is_cache_available() -> bool:

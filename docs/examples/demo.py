@@ -26,6 +26,7 @@ from dotmac_core import (
 )
 
 
+# --8<-- [start:models]
 class Team(DBBaseModel, table=True):
     """A plain table: id, created_at, updated_at, and its own column."""
 
@@ -37,6 +38,9 @@ class CustomerAccount(TenantBaseModel, AuditMixin, table=True):
 
     name: str = Field(max_length=100)
     balance_cents: int = 0
+
+
+# --8<-- [end:models]
 
 
 def show_configuration(db_config: DatabaseConfig) -> None:
@@ -76,6 +80,7 @@ async def show_tenancy(db: Database) -> None:
                 f"  {tenant}: row {account.id} tenant_id={account.tenant_id} "
                 f"created_by={account.created_by}; child task sees {seen_by_child}"
             )
+    before = account.updated_at
     async with db.session() as session:
         account.balance_cents = 500
         session.add(account)
@@ -83,7 +88,7 @@ async def show_tenancy(db: Database) -> None:
             await session.commit()
     print(
         f"  update by carol: updated_by={account.updated_by}, "
-        f"updated_at moved: {account.updated_at > account.created_at}"
+        f"updated_at moved: {account.updated_at > before}"
     )
 
 
@@ -96,7 +101,7 @@ async def main() -> None:
     """Run every part of the demo against the configured database."""
     with tempfile.TemporaryDirectory(prefix="dotmac-demo-") as workdir:
         db_config = DatabaseConfig()
-        if db_config.url is None and db_config.driver == "sqlite":
+        if db_config.url is None and db_config.dialect == "sqlite":
             # The embedded default: a fresh SQLite file for each run.
             db_config = DatabaseConfig(database=str(Path(workdir) / "demo.db"))
         show_configuration(db_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -19,19 +20,36 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_uuid7_lock = threading.Lock()
+_uuid7_last = (0, 0)  # (millisecond, 12-bit counter) of the last id made
+
+
 def uuid7() -> uuid.UUID:
-    """Return a time-ordered UUID (RFC 9562 version 7).
+    """Return a time-ordered UUID (RFC 9562 version 7), monotonic in this process.
 
     Its first 48 bits are the Unix time in milliseconds, so new keys land at
-    the right edge of a B-tree index instead of at random pages.
+    the right edge of a B-tree index instead of at random pages. Within one
+    millisecond the next 12 bits count up (RFC 9562 method 1), so ids made in
+    this process sort in creation order.
     """
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (millis & 0xFFFF_FFFF_FFFF) << 80 | rand  # 48-bit time, 80 random bits
-    value &= ~(0xF << 76)
+    global _uuid7_last
+    with _uuid7_lock:
+        millis = time.time_ns() // 1_000_000
+        last_millis, last_counter = _uuid7_last
+        if millis > last_millis:
+            # A random start in the lower half leaves room to count up.
+            counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
+        else:
+            millis, counter = last_millis, last_counter + 1
+            if counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                millis, counter = millis + 1, 0
+        _uuid7_last = (millis, counter)
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (millis & 0xFFFF_FFFF_FFFF) << 80  # 48-bit time
     value |= 0x7 << 76  # version 7
-    value &= ~(0x3 << 62)
+    value |= counter << 64  # 12-bit rand_a used as a counter
     value |= 0x2 << 62  # RFC 9562 variant
+    value |= rand_b  # 62 random bits
     return uuid.UUID(int=value)
 
 

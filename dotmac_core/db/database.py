@@ -93,7 +93,7 @@ class Database:
                 await conn.run_sync(target.drop_all)
 
     async def ping(self) -> None:
-        """Run `SELECT 1`; raise a `DatabaseError` if the database cannot be reached."""
+        """Run `SELECT 1`; raise a `DotMacError` if the database does not answer."""
         with translate_errors():
             async with self.engine.connect() as conn:
                 await conn.exec_driver_sql("SELECT 1")

@@ -126,3 +126,12 @@ def test_ipv6_and_password_in_redis_url() -> None:
     """Redis URLs quote the password and bracket IPv6 hosts."""
     config = CacheConfig(host="::1", password="p@ss/word")
     assert config.redis_url() == "redis://:p%40ss%2Fword@[::1]:6379/0"
+
+
+def test_server_settings_imply_postgresql() -> None:
+    """The handbook's `DatabaseConfig(host=..., database=...)` means PostgreSQL."""
+    config = DatabaseConfig(host="localhost", port=5432, database="myapp", pool_size=20)
+    assert config.dialect == "postgresql"
+    assert str(config.sqlalchemy_url()) == "postgresql+asyncpg://localhost:5432/myapp"
+    assert DatabaseConfig(database="file.db").dialect == "sqlite"
+    assert DatabaseConfig(driver="sqlite", host="ignored").dialect == "sqlite"

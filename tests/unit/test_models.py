@@ -173,3 +173,10 @@ def test_utc_datetime_binding() -> None:
     assert aware_read is not None
     assert aware_read.tzinfo is UTC
     assert column_type.process_result_value(None, sqlite.dialect()) is None
+
+
+def test_uuid7_is_monotonic_within_a_millisecond() -> None:
+    """Ids made in one burst sort in creation order, even in the same millisecond."""
+    burst = [uuid7() for _ in range(5000)]
+    assert burst == sorted(burst)
+    assert all(u.version == 7 for u in burst)
