@@ -9,6 +9,7 @@ from .config import SecurityConfig as SecurityConfig
 from .db.database import Database as Database
 from .db.database import configure_database as configure_database
 from .db.database import get_database as get_database
+from .db.filters import FILTER_OPERATORS as FILTER_OPERATORS
 from .db.models import NAMING_CONVENTION as NAMING_CONVENTION
 from .db.models import AuditMixin as AuditMixin
 from .db.models import BaseModel as BaseModel
@@ -20,6 +21,17 @@ from .db.models import TenantMixin as TenantMixin
 from .db.models import TimestampMixin as TimestampMixin
 from .db.models import UUIDMixin as UUIDMixin
 from .db.models import snake_case as snake_case
+from .db.pagination import MAX_PAGE_SIZE as MAX_PAGE_SIZE
+from .db.pagination import CursorPage as CursorPage
+from .db.pagination import PaginationParams as PaginationParams
+from .db.pagination import PaginationResult as PaginationResult
+from .db.repository import AsyncRepository as AsyncRepository
+from .db.session import AsyncSession as AsyncSession
+from .db.session import ConcurrentSessionUseError as ConcurrentSessionUseError
+from .db.transaction import IsolationLevel as IsolationLevel
+from .db.transaction import TransactionManager as TransactionManager
+from .db.transaction import current_transaction as current_transaction
+from .db.transaction import transactional as transactional
 from .exceptions import AlreadyExistsError as AlreadyExistsError
 from .exceptions import AuthenticationError as AuthenticationError
 from .exceptions import AuthorizationError as AuthorizationError
@@ -49,6 +61,7 @@ from .tenancy import TenantToken as TenantToken
 from .tenancy import current_user_id as current_user_id
 from .tenancy import get_current_tenant as get_current_tenant
 from .tenancy import get_tenant_context as get_tenant_context
+from .tenancy import is_scoping_bypassed as is_scoping_bypassed
 from .tenancy import require_current_tenant as require_current_tenant
 from .tenancy import reset_current_tenant as reset_current_tenant
 from .tenancy import set_current_tenant as set_current_tenant
@@ -57,15 +70,21 @@ from .tenancy import tenant_scope as tenant_scope
 __version__ = "0.1.0"
 
 __all__ = [
+    "FILTER_OPERATORS",
+    "MAX_PAGE_SIZE",
     "NAMING_CONVENTION",
     "AlreadyExistsError",
+    "AsyncRepository",
+    "AsyncSession",
     "AuditMixin",
     "AuthenticationError",
     "AuthorizationError",
     "BaseModel",
     "BusinessRuleError",
     "CacheConfig",
+    "ConcurrentSessionUseError",
     "ConfigurationError",
+    "CursorPage",
     "DBBaseModel",
     "Database",
     "DatabaseConfig",
@@ -73,9 +92,12 @@ __all__ = [
     "DatabaseError",
     "DotMacError",
     "IntegrityConstraintError",
+    "IsolationLevel",
     "MissingDependencyError",
     "NotFoundError",
     "OperationTimeoutError",
+    "PaginationParams",
+    "PaginationResult",
     "RateLimitExceededError",
     "SecurityConfig",
     "ServiceError",
@@ -88,9 +110,11 @@ __all__ = [
     "TenantToken",
     "TimestampMixin",
     "TransactionConflictError",
+    "TransactionManager",
     "UUIDMixin",
     "ValidationError",
     "configure_database",
+    "current_transaction",
     "current_user_id",
     "get_current_tenant",
     "get_database",
@@ -98,6 +122,7 @@ __all__ = [
     "is_cache_available",
     "is_database_available",
     "is_schemas_available",
+    "is_scoping_bypassed",
     "require_cache",
     "require_current_tenant",
     "require_database",
@@ -106,5 +131,6 @@ __all__ = [
     "set_current_tenant",
     "snake_case",
     "tenant_scope",
+    "transactional",
     "translate_errors",
 ]

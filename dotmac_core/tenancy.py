@@ -11,6 +11,7 @@ tenancy docs page).
 from __future__ import annotations
 
 import contextvars
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ __all__ = [
     "current_user_id",
     "get_current_tenant",
     "get_tenant_context",
+    "is_scoping_bypassed",
     "require_current_tenant",
     "reset_current_tenant",
     "set_current_tenant",
@@ -86,6 +88,10 @@ class TenantContext:
 _CONTEXT: contextvars.ContextVar[TenantContext | None] = contextvars.ContextVar(
     "dotmac_core_tenant", default=None
 )
+_BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dotmac_core_tenant_bypass", default=False
+)
+logger = logging.getLogger("dotmac_core.tenancy")
 
 
 class TenantToken:
@@ -147,17 +153,37 @@ def tenant_scope(
     *,
     user_id: str | None = None,
     roles: Iterable[str] = (),
+    bypass: bool = False,
+    reason: str | None = None,
 ) -> Iterator[TenantContext | None]:
     """Run the block with `tenant` current (`None`: with no tenant), then restore.
 
     Works in sync and async code (`with tenant_scope("acme"): await ...`).
+    `tenant_scope(None, bypass=True, reason="nightly billing")` turns tenant
+    scoping off for admin jobs: queries see every tenant's rows and writes
+    must name their tenant. Each bypass is logged at WARNING with its reason.
+
+    Raises:
+        ValidationError: `bypass=True` with a tenant, or an invalid tenant.
     """
+    if bypass and tenant is not None:
+        msg = "bypass=True turns tenant scoping off: pass tenant None with it"
+        raise ValidationError(msg, field="bypass")
     context = None if tenant is None else _as_context(tenant, user_id, roles)
+    if bypass:
+        logger.warning("tenant scoping bypassed: %s", reason or "no reason given")
     token = _CONTEXT.set(context)
+    bypass_token = _BYPASS.set(bypass)
     try:
         yield context
     finally:
+        _BYPASS.reset(bypass_token)
         _CONTEXT.reset(token)
+
+
+def is_scoping_bypassed() -> bool:
+    """Return whether tenant scoping is off here (`tenant_scope(None, bypass=True)`)."""
+    return _BYPASS.get()
 
 
 def get_tenant_context() -> TenantContext | None:

@@ -1,10 +1,9 @@
 """Test tables, defined once for the whole suite (metadata is never redefined)."""
 
-from __future__ import annotations
-
 import uuid
 
-from sqlmodel import Field
+from sqlalchemy import UniqueConstraint
+from sqlmodel import Field, Relationship
 
 from dotmac_core import (
     AuditMixin,
@@ -57,3 +56,37 @@ class InvoiceSchema(TenantBaseModel, AuditMixin):
     """The same bases without `table=True`: a plain pydantic schema."""
 
     number: str = Field(max_length=20)
+
+
+class Team(TenantBaseModel, table=True):
+    """A tenant-owned parent with a relationship to its members."""
+
+    name: str = Field(max_length=50)
+    members: list["Member"] = Relationship(back_populates="team")
+
+
+class Member(TenantBaseModel, AuditMixin, table=True):
+    """Tenant rows with soft delete, a per-tenant unique email and a rank."""
+
+    __table_args__ = (UniqueConstraint("tenant_id", "email"),)
+
+    email: str = Field(max_length=120)
+    name: str = Field(max_length=50)
+    rank: int = 0
+    balance_cents: int = 0
+    team_id: uuid.UUID | None = Field(default=None, foreign_key="team.id")
+    team: Team | None = Relationship(back_populates="members")
+
+
+class User(TenantBaseModel, table=True):
+    """The handbook's example model (its email is unique across tenants)."""
+
+    email: str = Field(max_length=255, unique=True)
+    name: str = Field(max_length=100)
+
+
+class Tag(DBBaseModel, table=True):
+    """A model without tenant or soft delete."""
+
+    label: str = Field(max_length=30, unique=True)
+    weight: int = 0

@@ -9,12 +9,12 @@ from uuid import uuid4
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from ..config import DatabaseConfig
 from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
 from .models import DBBaseModel
+from .session import AsyncSession
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 __all__ = ["Database", "configure_database", "get_database"]
 
 logger = logging.getLogger("dotmac_core.db")
+
+#: Execution option: open the SQLite transaction with BEGIN IMMEDIATE (write lock).
+SQLITE_IMMEDIATE = "dotmac_sqlite_immediate"
+#: Execution option: make the SQLite transaction read-only (PRAGMA query_only).
+SQLITE_READ_ONLY = "dotmac_sqlite_read_only"
 
 
 class Database:
@@ -193,7 +198,19 @@ def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
+        options = conn.get_execution_options()
+        conn.exec_driver_sql(
+            "BEGIN IMMEDIATE" if options.get(SQLITE_IMMEDIATE) else "BEGIN"
+        )
+        if options.get(SQLITE_READ_ONLY):
+            conn.exec_driver_sql("PRAGMA query_only=ON")
+            conn.info[SQLITE_READ_ONLY] = True
+
+    @event.listens_for(engine.sync_engine, "commit")
+    @event.listens_for(engine.sync_engine, "rollback")
+    def _on_end(conn: Connection) -> None:
+        if conn.info.pop(SQLITE_READ_ONLY, False):
+            conn.exec_driver_sql("PRAGMA query_only=OFF")
 
 
 _default: Database | None = None

@@ -1,0 +1,105 @@
+"""Input checks for repository writes (private).
+
+SQLModel table classes skip pydantic validation when constructed, so the
+repository validates every write against the model's fields before any SQL:
+types, `max_length`, nullability and unknown keys, the same on SQLite (which
+would store an over-long string) as on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+import pydantic
+from sqlmodel import SQLModel
+
+from ..exceptions import TenantError, ValidationError
+
+ModelT = TypeVar("ModelT", bound=SQLModel)
+
+#: Columns a caller may not change through `update` / `update_many`.
+PROTECTED_ON_UPDATE = frozenset({"id", "created_at", "created_by", "tenant_id"})
+
+
+def invalid(model: type[Any], exc: pydantic.ValidationError) -> ValidationError:
+    """Turn pydantic's error into ours, naming the first bad field, without inputs."""
+    errors = exc.errors(include_input=False, include_url=False)
+    fields = [".".join(str(part) for part in err["loc"]) or "value" for err in errors]
+    first = errors[0]
+    msg = f"{model.__name__}.{fields[0]}: {first['msg']}"
+    return ValidationError(
+        msg,
+        field=fields[0],
+        details={
+            "errors": [
+                {"field": field, "message": err["msg"], "type": err["type"]}
+                for field, err in zip(fields, errors, strict=True)
+            ]
+        },
+    )
+
+
+def check_keys(model: type[Any], data: Mapping[str, Any] | object) -> None:
+    """Refuse keys that are not fields of `model`."""
+    if not isinstance(data, Mapping):
+        msg = f"data for {model.__name__} must be a mapping or a {model.__name__}"
+        raise ValidationError(msg, field="data")
+    fields = model.model_fields
+    for key in data:
+        if key not in fields:
+            msg = f"{model.__name__} has no field {key!r}"
+            raise ValidationError(msg, field=str(key)[:64])
+
+
+def validated(model: type[ModelT], data: Mapping[str, Any] | ModelT) -> ModelT:
+    """Return a validated instance of `model` built from `data`.
+
+    A model instance is checked by re-validating its fields and returned as
+    is (it may already be referenced by the caller).
+    """
+    if isinstance(data, model):
+        try:
+            model.model_validate(data.model_dump())
+        except pydantic.ValidationError as exc:
+            raise invalid(model, exc) from exc
+        return data
+    check_keys(model, data)
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise invalid(model, exc) from exc
+
+
+_FIELD_ADAPTERS: dict[tuple[type[Any], str], pydantic.TypeAdapter[Any]] = {}
+
+
+def validate_field(model: type[Any], name: str, value: Any) -> Any:
+    """Validate one value for field `name`, with the field's constraints."""
+    key = (model, name)
+    adapter = _FIELD_ADAPTERS.get(key)
+    if adapter is None:
+        field = model.model_fields[name]
+        annotated = Annotated[field.annotation, field]  # type: ignore[name-defined]
+        adapter = _FIELD_ADAPTERS[key] = pydantic.TypeAdapter(annotated)
+    try:
+        return adapter.validate_python(value)
+    except pydantic.ValidationError as exc:
+        problem = exc.errors(include_input=False, include_url=False)[0]["msg"]
+        msg = f"{model.__name__}.{name}: {problem}"
+        raise ValidationError(msg, field=name) from exc
+
+
+def validated_changes(model: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a partial update: known, changeable fields with valid values."""
+    check_keys(model, data)
+    changes: dict[str, Any] = {}
+    for name, value in data.items():
+        if name == "tenant_id":
+            msg = f"tenant_id of a {model.__name__} row cannot change"
+            raise TenantError(msg)
+        if name in PROTECTED_ON_UPDATE:
+            msg = f"{model.__name__}.{name} cannot be changed by an update"
+            raise ValidationError(msg, field=name)
+        changes[name] = validate_field(model, name, value)
+    return changes

@@ -1,0 +1,205 @@
+"""Filters and ordering from plain data, checked against the model's columns.
+
+`{"age__gte": 18, "name__ilike": "an%", "team_id__in": [...]}` becomes SQL
+criteria; `"-created_at"` or `["name", "-id"]` becomes ORDER BY. Names must be
+mapped columns of the model, operators come from a fixed list, and values are
+validated against the column's type and always sent as bound parameters, so
+no part of the input ever becomes SQL text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pydantic
+from sqlalchemy import ColumnElement, inspect
+from sqlalchemy.orm import InstrumentedAttribute
+
+from ..exceptions import ValidationError
+
+__all__ = ["FILTER_OPERATORS", "OrderSpec", "build_filters", "parse_order_by"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_ORDER = re.compile(r"^-?[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: Most values an `in` / `not_in` filter takes: a bigger list belongs in a join.
+MAX_IN_VALUES = 1000
+
+#: The filter operators, as the suffix after `__` (`eq` is the default).
+FILTER_OPERATORS: tuple[str, ...] = (
+    "eq",
+    "ne",
+    "lt",
+    "lte",
+    "gt",
+    "gte",
+    "in",
+    "not_in",
+    "like",
+    "ilike",
+    "is_null",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSpec:
+    """One ORDER BY term: a column name and its direction."""
+
+    name: str
+    descending: bool = False
+
+    def __str__(self) -> str:
+        return f"-{self.name}" if self.descending else self.name
+
+
+def _columns(model: type[Any]) -> Mapping[str, Any]:
+    columns: Mapping[str, Any] = inspect(model).columns
+    return columns
+
+
+def _attribute(model: type[Any], name: str, *, what: str) -> InstrumentedAttribute[Any]:
+    if not isinstance(name, str) or not _NAME.match(name):
+        msg = f"invalid {what} name {name!r}"
+        raise ValidationError(msg, field=str(name)[:64])
+    if name not in _columns(model):
+        msg = f"{model.__name__} has no column {name!r} to {what} by"
+        raise ValidationError(msg, field=name)
+    attribute: InstrumentedAttribute[Any] = getattr(model, name)
+    return attribute
+
+
+_ADAPTERS: dict[tuple[type[Any], str], pydantic.TypeAdapter[Any]] = {}
+
+
+def _adapter(model: type[Any], name: str) -> pydantic.TypeAdapter[Any]:
+    """A validator for one column's values: its field type, without length limits."""
+    key = (model, name)
+    adapter = _ADAPTERS.get(key)
+    if adapter is None:
+        field = model.model_fields.get(name)
+        annotation: Any = Any if field is None else field.annotation
+        # Strict on type, lax on form: "5" for an int column is fine (query
+        # strings are text), "abc" is not.
+        adapter = _ADAPTERS[key] = pydantic.TypeAdapter(annotation)
+    return adapter
+
+
+def coerce_value(model: type[Any], name: str, value: Any) -> Any:
+    """Validate `value` for column `name` of `model` (`ValidationError` if wrong)."""
+    if value is None:
+        return None
+    try:
+        result = _adapter(model, name).validate_python(value)
+    except pydantic.ValidationError as exc:
+        problem = exc.errors(include_input=False, include_url=False)[0]["msg"]
+        msg = f"bad value for {name!r}: {problem}"
+        raise ValidationError(msg, field=name) from exc
+    if isinstance(result, datetime) and result.tzinfo is None:
+        msg = f"bad value for {name!r}: give a timezone-aware datetime"
+        raise ValidationError(msg, field=name)
+    return result
+
+
+def _like_value(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        msg = f"{name!r}: like / ilike need a str pattern, got {type(value).__name__}"
+        raise ValidationError(msg, field=name)
+    return value
+
+
+def _many(model: type[Any], name: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        msg = f"{name!r}: in / not_in need a list of values"
+        raise ValidationError(msg, field=name)
+    values = list(value)
+    if len(values) > MAX_IN_VALUES:
+        msg = f"{name!r}: at most {MAX_IN_VALUES} values in one in / not_in filter"
+        raise ValidationError(msg, field=name)
+    return [coerce_value(model, name, item) for item in values]
+
+
+Builder = Callable[[InstrumentedAttribute[Any], Any], ColumnElement[bool]]
+
+_COMPARISONS: dict[str, Builder] = {
+    "eq": lambda col, v: col.is_(None) if v is None else col == v,
+    "ne": lambda col, v: col.is_not(None) if v is None else col != v,
+    "lt": lambda col, v: col < v,
+    "lte": lambda col, v: col <= v,
+    "gt": lambda col, v: col > v,
+    "gte": lambda col, v: col >= v,
+}
+
+
+def _criterion(model: type[Any], key: object, value: Any) -> ColumnElement[bool]:
+    if not isinstance(key, str):
+        msg = f"filter keys must be str, got {type(key).__name__}"
+        raise ValidationError(msg, field=str(key)[:64])
+    name, _, op = key.partition("__")
+    op = op or "eq"
+    if op not in FILTER_OPERATORS:
+        msg = (
+            f"unknown filter operator {op!r} in {key!r}; use one of {FILTER_OPERATORS}"
+        )
+        raise ValidationError(msg, field=key[:64])
+    column = _attribute(model, name, what="filter")
+    if op == "is_null":
+        if not isinstance(value, bool):
+            msg = f"{key!r} needs true or false"
+            raise ValidationError(msg, field=name)
+        return column.is_(None) if value else column.is_not(None)
+    if op in ("in", "not_in"):
+        values = _many(model, name, value)
+        return column.in_(values) if op == "in" else column.not_in(values)
+    if op in ("like", "ilike"):
+        pattern = _like_value(name, value)
+        return column.like(pattern) if op == "like" else column.ilike(pattern)
+    if value is None and op not in ("eq", "ne"):
+        msg = f"{key!r} cannot compare with null; use {name}__is_null"
+        raise ValidationError(msg, field=name)
+    return _COMPARISONS[op](column, coerce_value(model, name, value))
+
+
+def build_filters(
+    model: type[Any], filters: Mapping[str, Any] | object
+) -> list[ColumnElement[bool]]:
+    """Turn `{"field__op": value}` into criteria on `model`'s columns.
+
+    Raises:
+        ValidationError: an unknown field or operator, or a value of the wrong type.
+    """
+    if not filters:
+        return []
+    if not isinstance(filters, Mapping):
+        msg = f"filters must be a mapping, got {type(filters).__name__}"
+        raise ValidationError(msg, field="filters")
+    return [_criterion(model, key, value) for key, value in filters.items()]
+
+
+OrderBy = str | Iterable[str] | None
+"""`"name"`, `"-created_at"`, a list of those, or `None`."""
+
+
+def parse_order_by(model: type[Any], order_by: OrderBy | object) -> list[OrderSpec]:
+    """Parse and check an `order_by` value against `model`'s columns.
+
+    Raises:
+        ValidationError: a malformed term or an unknown column.
+    """
+    if order_by is None:
+        return []
+    terms = [order_by] if isinstance(order_by, str) else order_by
+    if not isinstance(terms, Iterable):
+        msg = f"order_by must be a str or a list of str, got {type(order_by).__name__}"
+        raise ValidationError(msg, field="order_by")
+    specs: list[OrderSpec] = []
+    for term in terms:
+        if not isinstance(term, str) or not _ORDER.match(term):
+            msg = f"invalid order_by term {term!r}: use 'name' or '-name'"
+            raise ValidationError(msg, field="order_by")
+        name = term.lstrip("-")
+        _attribute(model, name, what="order")
+        specs.append(OrderSpec(name, descending=term.startswith("-")))
+    return specs

@@ -1,0 +1,621 @@
+"""`AsyncRepository[ModelT]`: typed data access for one model.
+
+```python
+class UserRepository(AsyncRepository[User]):
+    async def find_by_email(self, email: str) -> User | None:
+        return await self.get_by_field("email", email)
+```
+
+`UserRepository()` joins the transaction of the surrounding
+`TransactionManager`, or runs each call in its own short transaction;
+`UserRepository(session)` works on that session (and leaves committing to its
+owner). Every call is scoped to the current tenant and hides soft-deleted rows
+unless asked; every error it raises is a `DotMacError`.
+"""
+
+from __future__ import annotations
+
+import builtins
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get_origin
+
+from pydantic_core import to_jsonable_python
+from sqlalchemy import ColumnElement, and_, false, func, inspect, or_, tuple_
+from sqlalchemy import delete as sa_delete
+from sqlalchemy import insert as sa_insert
+from sqlalchemy import update as sa_update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import make_transient_to_detached, selectinload
+from sqlmodel import SQLModel, select
+
+from ..exceptions import (
+    AlreadyExistsError,
+    NotFoundError,
+    TenantError,
+    ValidationError,
+    translate_errors,
+)
+from ..tenancy import current_user_id
+from ._types import utc_now
+from ._validation import validated, validated_changes
+from .database import Database, get_database
+from .filters import OrderBy, OrderSpec, build_filters, coerce_value, parse_order_by
+from .pagination import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    CursorPage,
+    PaginationParams,
+    PaginationResult,
+    check_page,
+    decode_cursor,
+    encode_cursor,
+)
+from .scoping import (
+    INCLUDE_DELETED,
+    ONLY_DELETED,
+    SCOPED,
+    bind_session,
+    current_scope,
+    has_soft_delete,
+    is_tenant_model,
+)
+from .transaction import TransactionManager, current_transaction
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+
+    from ..config import SecurityConfig
+    from .session import AsyncSession
+
+__all__ = ["AsyncRepository"]
+
+ModelT = TypeVar("ModelT", bound=SQLModel)
+
+
+class AsyncRepository(Generic[ModelT]):
+    """Async CRUD, filters and pagination for the model given as type parameter.
+
+    Args:
+        session: Work on this session instead of the ambient transaction.
+        db: Database for calls outside a transaction (default: `get_database()`).
+        security: Key for keyset cursors (default: `SecurityConfig()`).
+    """
+
+    model: ClassVar[type[Any]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            origin = get_origin(base)
+            if isinstance(origin, type) and issubclass(origin, AsyncRepository):
+                (arg,) = get_args(base)
+                if isinstance(arg, type) and issubclass(arg, SQLModel):
+                    if inspect(arg, raiseerr=False) is None:
+                        msg = f"{arg.__name__} is not a table model (table=True)"
+                        raise TypeError(msg)
+                    cls.model = arg
+
+    def __init__(
+        self,
+        session: AsyncSession | None = None,
+        *,
+        db: Database | None = None,
+        security: SecurityConfig | None = None,
+    ) -> None:
+        if not hasattr(type(self), "model"):
+            msg = (
+                f"{type(self).__name__} has no model: subclass "
+                "AsyncRepository[YourModel]"
+            )
+            raise TypeError(msg)
+        self._session = session
+        self._db = db
+        self._security = security
+        mapper = inspect(self.model)
+        (self._pk,) = mapper.primary_key
+        self._columns = frozenset(mapper.columns.keys())
+
+    # --- sessions ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _use(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+        """The session to work on: given, ambient, or a short transaction of our own."""
+        with translate_errors():
+            if self._session is not None:
+                yield self._session
+                return
+            if current_transaction() is not None:
+                tx = current_transaction()
+                assert tx is not None  # noqa: S101 - narrowed above
+                yield tx.session
+                return
+            db = self._db or get_database()
+            async with TransactionManager(db, read_only=read_only) as tx:
+                yield tx.session
+
+    def _options(
+        self, *, include_deleted: bool = False, only_deleted: bool = False
+    ) -> dict[str, Any]:
+        if only_deleted and not has_soft_delete(self.model):
+            msg = f"{self.model.__name__} has no soft delete: only_deleted is invalid"
+            raise ValidationError(msg, field="only_deleted")
+        return {INCLUDE_DELETED: include_deleted, ONLY_DELETED: only_deleted}
+
+    def _load(self, load: Iterable[str]) -> list[Any]:
+        relationships = inspect(self.model).relationships
+        options = []
+        for name in load:
+            if not isinstance(name, str) or name not in relationships:
+                msg = f"{self.model.__name__} has no relationship {name!r} to load"
+                raise ValidationError(msg, field=str(name)[:64])
+            options.append(selectinload(getattr(self.model, name)))
+        return options
+
+    def _id(self, value: Any) -> Any:
+        return coerce_value(self.model, self._pk.key, value)
+
+    # --- reads ---------------------------------------------------------------
+
+    async def get_by_id(
+        self, id: Any, *, load: Iterable[str] = (), include_deleted: bool = False
+    ) -> ModelT | None:
+        """Return the row with this primary key, or `None`."""
+        statement = (
+            select(self.model)
+            .where(self._pk == self._id(id))
+            .options(*self._load(load))
+            .execution_options(**self._options(include_deleted=include_deleted))
+        )
+        async with self._use(read_only=True) as session:
+            return (await session.exec(statement)).first()
+
+    async def get_by_field(
+        self, name: str, value: Any, *, load: Iterable[str] = ()
+    ) -> ModelT | None:
+        """Return the first row whose column `name` equals `value`, or `None`."""
+        rows = await self.list({name: value}, limit=1, load=load)
+        return rows[0] if rows else None
+
+    async def get_one(self, **filters: Any) -> ModelT:
+        """Return the one row matching `filters`.
+
+        Raises:
+            NotFoundError: no row matched.
+        """
+        rows = await self.list(filters, limit=1)
+        if not rows:
+            msg = f"no {self.model.__name__} matches {sorted(filters)}"
+            raise NotFoundError(msg, model=self.model.__name__, criteria=filters)
+        return rows[0]
+
+    def _select(
+        self,
+        filters: Mapping[str, Any] | None,
+        order: Sequence[OrderSpec],
+        *,
+        include_deleted: bool,
+        only_deleted: bool,
+    ) -> Any:
+        statement = select(self.model).where(*build_filters(self.model, filters))
+        statement = statement.order_by(*self._order_clauses(order))
+        return statement.execution_options(
+            **self._options(include_deleted=include_deleted, only_deleted=only_deleted)
+        )
+
+    def _order_clauses(self, order: Sequence[OrderSpec]) -> list[Any]:
+        clauses = []
+        for spec in order:
+            column = getattr(self.model, spec.name)
+            clauses.append(column.desc() if spec.descending else column.asc())
+        return clauses
+
+    def _total_order(self, order_by: OrderBy) -> list[OrderSpec]:
+        """The requested order, ended by the primary key so rows never tie."""
+        specs = parse_order_by(self.model, order_by)
+        if not any(spec.name == self._pk.key for spec in specs):
+            descending = specs[0].descending if specs else False
+            specs.append(OrderSpec(self._pk.key, descending))
+        return specs
+
+    async def list(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        order_by: OrderBy = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        load: Iterable[str] = (),
+        include_deleted: bool = False,
+        only_deleted: bool = False,
+    ) -> builtins.list[ModelT]:
+        """Return the rows matching `filters`, in `order_by` order (then by key)."""
+        for name, value in (("limit", limit), ("offset", offset)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                msg = f"{name} must be an int >= 0, got {value!r}"
+                raise ValidationError(msg, field=name)
+        statement = self._select(
+            filters,
+            self._total_order(order_by),
+            include_deleted=include_deleted,
+            only_deleted=only_deleted,
+        ).options(*self._load(load))
+        if limit is not None:
+            statement = statement.limit(limit)
+        if offset:
+            statement = statement.offset(offset)
+        async with self._use(read_only=True) as session:
+            return builtins.list((await session.exec(statement)).all())
+
+    async def count(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        include_deleted: bool = False,
+        only_deleted: bool = False,
+    ) -> int:
+        """Return how many rows match `filters`."""
+        statement = (
+            select(func.count())
+            .select_from(self.model)
+            .where(*build_filters(self.model, filters))
+            .execution_options(
+                **self._options(
+                    include_deleted=include_deleted, only_deleted=only_deleted
+                )
+            )
+        )
+        async with self._use(read_only=True) as session:
+            return int((await session.exec(statement)).one())
+
+    async def exists(
+        self,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        include_deleted: bool = False,
+    ) -> bool:
+        """Return whether any row matches `filters`."""
+        statement = (
+            select(self._pk)
+            .where(*build_filters(self.model, filters))
+            .limit(1)
+            .execution_options(**self._options(include_deleted=include_deleted))
+        )
+        async with self._use(read_only=True) as session:
+            return (await session.exec(statement)).first() is not None
+
+    # --- writes --------------------------------------------------------------
+
+    async def create(self, data: Mapping[str, Any] | ModelT) -> ModelT:
+        """Validate `data`, insert it and return the new row.
+
+        Raises:
+            ValidationError: a field is unknown, missing or invalid.
+            AlreadyExistsError: a unique key is taken.
+            TenantError: the row belongs to another tenant, or none is set.
+        """
+        row: ModelT = validated(self.model, data)
+        async with self._use() as session:
+            session.add(row)
+            await session.flush()
+        return row
+
+    async def create_many(
+        self, items: Iterable[Mapping[str, Any] | ModelT]
+    ) -> builtins.list[ModelT]:
+        """Validate and insert many rows in batched statements; return them.
+
+        The rows are inserted with one executemany (no per-row round trip and
+        no unit-of-work bookkeeping); the returned objects are detached, ready
+        to be added to a session for later changes.
+        """
+        rows = [validated(self.model, item) for item in items]
+        if not rows:
+            return []
+        columns = self._columns
+        params = [{key: getattr(row, key) for key in columns} for row in rows]
+        async with self._use() as session:
+            await session.exec(sa_insert(self.model), params=params)
+        for row in rows:
+            make_transient_to_detached(row)
+        return rows
+
+    async def update(self, id: Any, data: Mapping[str, Any]) -> ModelT:
+        """Apply the changes in `data` to the row with this key; return it.
+
+        Raises:
+            NotFoundError: no such row (for this tenant).
+            ValidationError: a field is unknown, protected or invalid.
+        """
+        changes = validated_changes(self.model, data)
+        async with self._use() as session:
+            row = (
+                await session.exec(
+                    select(self.model)
+                    .where(self._pk == self._id(id))
+                    .execution_options(**self._options())
+                )
+            ).first()
+            if row is None:
+                raise self._not_found(id)
+            for name, value in changes.items():
+                setattr(row, name, value)
+            await session.flush()
+            updated: ModelT = row
+            return updated
+
+    async def update_many(
+        self, filters: Mapping[str, Any] | None, data: Mapping[str, Any]
+    ) -> int:
+        """Apply `data` to every row matching `filters`; return how many changed."""
+        changes = validated_changes(self.model, data)
+        if not changes:
+            return 0
+        user = current_user_id()
+        if user is not None and "updated_by" in self._columns:
+            changes["updated_by"] = user
+        statement = (
+            sa_update(self.model)
+            .where(*build_filters(self.model, filters))
+            .values(**changes)
+            .execution_options(synchronize_session="fetch", **self._options())
+        )
+        async with self._use() as session:
+            result = await session.exec(statement)
+            return int(result.rowcount)
+
+    async def delete(self, id: Any, *, hard: bool = False) -> bool:
+        """Delete the row with this key; soft (`deleted_at`) where the model has it.
+
+        Returns:
+            Whether a row was deleted.
+        """
+        key = self._id(id)
+        if hard or not has_soft_delete(self.model):
+            statement: Any = (
+                sa_delete(self.model)
+                .where(self._pk == key)
+                .execution_options(
+                    synchronize_session="fetch", **self._options(include_deleted=True)
+                )
+            )
+        else:
+            statement = (
+                sa_update(self.model)
+                .where(self._pk == key)
+                .values(deleted_at=utc_now())
+                .execution_options(synchronize_session="fetch", **self._options())
+            )
+        async with self._use() as session:
+            result = await session.exec(statement)
+            return bool(result.rowcount)
+
+    async def restore(self, id: Any) -> ModelT:
+        """Undo a soft delete and return the row.
+
+        Raises:
+            NotFoundError: no soft-deleted row with this key (for this tenant).
+        """
+        key = self._id(id)
+        statement = (
+            sa_update(self.model)
+            .where(self._pk == key)
+            .values(deleted_at=None)
+            .execution_options(
+                synchronize_session="fetch", **self._options(only_deleted=True)
+            )
+        )
+        async with self._use() as session:
+            result = await session.exec(statement)
+            if not result.rowcount:
+                raise self._not_found(id)
+            row = (
+                await session.exec(select(self.model).where(self._pk == key))
+            ).first()
+            assert row is not None  # noqa: S101 - restored just now
+            restored: ModelT = row
+            return restored
+
+    async def upsert(
+        self, data: Mapping[str, Any] | ModelT, conflict_on: Sequence[str] = ("id",)
+    ) -> ModelT:
+        """Insert the row, or update the one with the same `conflict_on` key; atomic.
+
+        One `INSERT ... ON CONFLICT ... DO UPDATE ... RETURNING` statement on
+        both databases. On a tenant model the update only touches a row of
+        the current tenant, and `tenant_id` joins the conflict key when a unique
+        constraint includes it.
+
+        Raises:
+            ValidationError: invalid data, or no unique constraint on `conflict_on`.
+            AlreadyExistsError: the key is taken by another tenant's row.
+        """
+        row = validated(self.model, data)
+        target = self._conflict_target(conflict_on)
+        values = {key: getattr(row, key) for key in self._columns}
+        keep = {self._pk.key, "created_at", "created_by", "tenant_id", *target}
+        updates: dict[str, Any] = {
+            key: value for key, value in values.items() if key not in keep
+        }
+        if "updated_at" in self._columns:
+            updates["updated_at"] = utc_now()
+        async with self._use() as session:
+            scope = current_scope()
+            where = None
+            if is_tenant_model(self.model):
+                tenant = scope.require(f"upsert of {self.model.__name__}")
+                bind_session(session.sync_session, scope)
+                if tenant is not None and values["tenant_id"] != tenant:
+                    msg = f"{self.model.__name__} row of another tenant refused"
+                    raise TenantError(msg)
+                where = self.model.tenant_id == values["tenant_id"]
+            is_pg = (
+                session.bind is not None and session.bind.dialect.name == "postgresql"
+            )
+            dialect_insert = postgresql.insert if is_pg else sqlite.insert
+            statement = (
+                dialect_insert(self.model)
+                .values(**values)
+                .on_conflict_do_update(
+                    index_elements=list(target),
+                    set_=updates or {self._pk.key: self._pk},
+                    where=where,
+                )
+                .returning(self.model)
+                .execution_options(populate_existing=True, **{SCOPED: True})
+            )
+            upserted: ModelT | None = (await session.exec(statement)).scalars().first()
+            if upserted is None:
+                msg = f"{self.model.__name__} key {list(target)} is taken"
+                raise AlreadyExistsError(msg, constraint=",".join(target))
+            return upserted
+
+    def _conflict_target(self, conflict_on: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(conflict_on, str) or not conflict_on:
+            msg = "conflict_on must be a non-empty list of column names"
+            raise ValidationError(msg, field="conflict_on")
+        for name in conflict_on:
+            if name not in self._columns:
+                msg = f"{self.model.__name__} has no column {name!r}"
+                raise ValidationError(msg, field="conflict_on")
+        table = self.model.__table__
+        unique_sets = [frozenset(c.key for c in table.primary_key.columns)]
+        unique_sets += [
+            frozenset(c.key for c in constraint.columns)
+            for constraint in table.constraints
+            if constraint.__class__.__name__ == "UniqueConstraint"
+        ]
+        unique_sets += [
+            frozenset(c.key for c in index.columns)
+            for index in table.indexes
+            if index.unique
+        ]
+        wanted = frozenset(conflict_on)
+        if is_tenant_model(self.model) and wanted | {"tenant_id"} in unique_sets:
+            return (*conflict_on, *(() if "tenant_id" in wanted else ("tenant_id",)))
+        if wanted in unique_sets:
+            return tuple(conflict_on)
+        msg = f"{self.model.__name__} has no unique constraint on {sorted(wanted)}"
+        raise ValidationError(msg, field="conflict_on")
+
+    def _not_found(self, id: Any) -> NotFoundError:
+        name = self.model.__name__
+        return NotFoundError(
+            f"{name} {id} not found", model=name, criteria={self._pk.key: str(id)}
+        )
+
+    # --- pages ---------------------------------------------------------------
+
+    async def list_paginated(
+        self,
+        page: int = 1,
+        size: int = DEFAULT_PAGE_SIZE,
+        *,
+        per_page: int | None = None,
+        order_by: OrderBy = "created_at",
+        filters: Mapping[str, Any] | None = None,
+        with_total: bool = True,
+        include_deleted: bool = False,
+    ) -> PaginationResult[ModelT]:
+        """Return one offset page; `with_total=False` skips the COUNT query.
+
+        Raises:
+            ValidationError: page below 1, size outside 1..100, bad filters or order.
+        """
+        if per_page is not None:
+            size = per_page
+        check_page(page, size, MAX_PAGE_SIZE)
+        statement = self._select(
+            filters,
+            self._total_order(order_by),
+            include_deleted=include_deleted,
+            only_deleted=False,
+        )
+        statement = statement.offset((page - 1) * size).limit(size + 1)
+        async with self._use(read_only=True) as session:
+            rows = builtins.list((await session.exec(statement)).all())
+            total = None
+            if with_total:
+                total = await self.count(filters, include_deleted=include_deleted)
+        return PaginationResult[ModelT].build(
+            rows[:size], page=page, size=size, total=total, more=len(rows) > size
+        )
+
+    async def paginate(
+        self,
+        params: PaginationParams,
+        *,
+        order_by: OrderBy = "created_at",
+        filters: Mapping[str, Any] | None = None,
+        with_total: bool = True,
+    ) -> PaginationResult[ModelT]:
+        """Return the page `params` asks for (see `list_paginated`)."""
+        return await self.list_paginated(
+            params.page,
+            params.size,
+            order_by=order_by,
+            filters=filters,
+            with_total=with_total,
+        )
+
+    async def list_after(
+        self,
+        cursor: str | None = None,
+        size: int = DEFAULT_PAGE_SIZE,
+        *,
+        order_by: OrderBy = "created_at",
+        filters: Mapping[str, Any] | None = None,
+    ) -> CursorPage[ModelT]:
+        """Return the keyset page after `cursor` (the first page without one).
+
+        The order always ends with the primary key, so rows with equal sort
+        values are neither skipped nor repeated; sort columns must be NOT NULL.
+
+        Raises:
+            ValidationError: a tampered, foreign or malformed cursor; a bad size,
+                order or filter.
+        """
+        check_page(1, size, MAX_PAGE_SIZE)
+        order = self._total_order(order_by)
+        table = self.model.__table__
+        for spec in order:
+            if table.c[spec.name].nullable:
+                msg = f"keyset order needs NOT NULL columns; {spec.name!r} is nullable"
+                raise ValidationError(msg, field="order_by")
+        binding = f"{table.name}|{','.join(str(spec) for spec in order)}"
+        statement = self._select(
+            filters, order, include_deleted=False, only_deleted=False
+        )
+        if cursor is not None:
+            raw = decode_cursor(cursor, binding, self._security)
+            if len(raw) != len(order):
+                msg = "invalid cursor"
+                raise ValidationError(msg, field="cursor")
+            values = [
+                coerce_value(self.model, spec.name, value)
+                for spec, value in zip(order, raw, strict=True)
+            ]
+            statement = statement.where(self._after(order, values))
+        async with self._use(read_only=True) as session:
+            rows = builtins.list((await session.exec(statement.limit(size + 1))).all())
+        next_cursor = None
+        if len(rows) > size:
+            last = rows[size - 1]
+            position = [to_jsonable_python(getattr(last, spec.name)) for spec in order]
+            next_cursor = encode_cursor(binding, position, self._security)
+        return CursorPage[ModelT](items=rows[:size], next_cursor=next_cursor, size=size)
+
+    def _after(
+        self, order: Sequence[OrderSpec], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        columns = [getattr(self.model, spec.name) for spec in order]
+        directions = {spec.descending for spec in order}
+        if len(directions) == 1:
+            # One direction: a row-value comparison the index can range-scan.
+            left, right = tuple_(*columns), tuple_(*values)
+            return left < right if order[0].descending else left > right
+        terms: builtins.list[ColumnElement[bool]] = []
+        for i, spec in enumerate(order):
+            equal = [columns[j] == values[j] for j in range(i)]
+            step = columns[i] < values[i] if spec.descending else columns[i] > values[i]
+            terms.append(and_(*equal, step))
+        return or_(*terms) if terms else false()

@@ -1,0 +1,90 @@
+"""The toolkit's session classes: tenant-bound, and guarded against concurrent use.
+
+Every session made by a `Database` is one of these. Its sync half carries the
+tenant and soft-delete scoping (see `scoping.py`); its async half refuses to
+be driven by two tasks at the same time, which SQLAlchemy would otherwise
+interleave silently on one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel.ext.asyncio.session import AsyncSession as _SQLModelAsyncSession
+
+from ..exceptions import DotMacError
+from .scoping import ScopedSession
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Iterator
+
+__all__ = ["AsyncSession", "ConcurrentSessionUseError"]
+
+
+class ConcurrentSessionUseError(DotMacError, RuntimeError):
+    """One session (or transaction) was used by two tasks at the same time."""
+
+    default_code = "concurrent_session_use"
+
+
+def _guarded(
+    method: Callable[..., Coroutine[Any, Any, Any]],
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    async def wrapper(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        with self._in_use():
+            return await method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__qualname__ = method.__qualname__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+class AsyncSession(_SQLModelAsyncSession):
+    """SQLModel's `AsyncSession`, used by one task at a time and scoped by tenant.
+
+    A second task that calls into the session while another task's call is in
+    flight gets `ConcurrentSessionUseError` instead of silently sharing the
+    connection. Sequential use from different tasks is fine.
+    """
+
+    sync_session_class = ScopedSession
+    sync_session: ScopedSession
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner: asyncio.Task[Any] | None = None
+        self._depth = 0
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        if self._depth and self._owner is not task:
+            msg = (
+                "this session is in use by another task; give each task its own "
+                "session (or TransactionManager) instead of sharing one"
+            )
+            raise ConcurrentSessionUseError(msg)
+        self._owner = task
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._owner = None
+
+    if not TYPE_CHECKING:  # the parent's precise signatures stay visible to mypy
+        exec = _guarded(_SQLModelAsyncSession.exec)
+        execute = _guarded(_SQLModelAsyncSession.execute)
+        scalar = _guarded(_SQLModelAsyncSession.scalar)
+        scalars = _guarded(_SQLModelAsyncSession.scalars)
+        get = _guarded(_SQLModelAsyncSession.get)
+        flush = _guarded(_SQLModelAsyncSession.flush)
+        commit = _guarded(_SQLModelAsyncSession.commit)
+        refresh = _guarded(_SQLModelAsyncSession.refresh)
+        merge = _guarded(_SQLModelAsyncSession.merge)
+        delete = _guarded(_SQLModelAsyncSession.delete)
+        run_sync = _guarded(_SQLModelAsyncSession.run_sync)

@@ -1,0 +1,319 @@
+"""`TransactionManager` and `@transactional`: one unit of work, committed or not at all.
+
+The active transaction lives in a context variable, so repositories called
+inside `async with TransactionManager():` join it without being handed a
+session. Entering a `TransactionManager` inside another opens a SAVEPOINT on
+the outer one's session.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import functools
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Self, TypeVar
+
+import anyio
+
+from ..exceptions import DotMacError, TransactionConflictError, translate_errors
+from .database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY, Database, get_database
+from .scoping import bind_session, current_scope
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sqlalchemy.ext.asyncio import AsyncSessionTransaction
+
+    from .session import AsyncSession
+
+__all__ = [
+    "IsolationLevel",
+    "TransactionManager",
+    "current_transaction",
+    "transactional",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+IsolationLevel = Literal[
+    "SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ UNCOMMITTED"
+]
+"""Transaction isolation levels a `TransactionManager` accepts."""
+
+logger = logging.getLogger("dotmac_core.db")
+
+#: Seconds a rollback may take after an error or a cancellation before the
+#: connection is invalidated instead (so it never returns to the pool dirty).
+ROLLBACK_TIMEOUT = 5.0
+
+_CURRENT: contextvars.ContextVar[TransactionManager | None] = contextvars.ContextVar(
+    "dotmac_core_transaction", default=None
+)
+
+Callback = Callable[[], Awaitable[None] | None]
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+
+
+class TransactionManager:
+    """Run a block in one database transaction: commit on success, roll back otherwise.
+
+    `async with TransactionManager() as tx:` opens a session (`tx.session`)
+    and a transaction; leaving the block commits it, an exception or a
+    cancellation rolls it back (shielded and bounded, so the connection never
+    leaks). Nested use opens a SAVEPOINT. Each instance is entered once.
+
+    Args:
+        db: The database; defaults to the one from `configure_database()`.
+        read_only: Refuse writes (PostgreSQL `READ ONLY` transaction).
+        isolation_level: Isolation for this transaction (outermost only).
+
+    Raises:
+        ValidationError: an isolation level or read-only flag on a nested block.
+    """
+
+    def __init__(
+        self,
+        db: Database | None = None,
+        *,
+        read_only: bool = False,
+        isolation_level: IsolationLevel | None = None,
+    ) -> None:
+        self._db = db
+        self.read_only = read_only
+        self.isolation_level = isolation_level
+        self._state = _State.NEW
+        self._session: AsyncSession | None = None
+        self._parent: TransactionManager | None = None
+        self._savepoint: AsyncSessionTransaction | None = None
+        self._callbacks: list[Callback] = []
+        self._token: contextvars.Token[TransactionManager | None] | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """The session of this transaction (shared with nested blocks)."""
+        if self._session is None or self._state is not _State.ACTIVE:
+            msg = f"the transaction is {self._state.value}, not active: no session"
+            raise DotMacError(msg, code="transaction_inactive")
+        return self._session
+
+    @property
+    def is_nested(self) -> bool:
+        """Whether this block is a SAVEPOINT inside an outer transaction."""
+        return self._parent is not None
+
+    def on_commit(self, callback: Callback) -> None:
+        """Run `callback` (sync or async) after the outermost transaction commits.
+
+        Callbacks of a savepoint that rolls back are dropped; callbacks never
+        run when the transaction rolls back. A failing callback is logged and
+        does not stop the others (the data is already committed).
+        """
+        if self._state is not _State.ACTIVE:
+            msg = "on_commit() needs an active transaction"
+            raise DotMacError(msg, code="transaction_inactive")
+        self._callbacks.append(callback)
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.NEW:
+            msg = "a TransactionManager is entered once; create a new one"
+            raise DotMacError(msg, code="transaction_reused")
+        parent = _CURRENT.get()
+        if parent is not None and parent._state is _State.ACTIVE:
+            await self._begin_nested(parent)
+        else:
+            await self._begin()
+        self._state = _State.ACTIVE
+        self._token = _CURRENT.set(self)
+        return self
+
+    async def _begin(self) -> None:
+        db = self._db or get_database()
+        session = db.session()
+        scope = current_scope()
+        bind_session(session.sync_session, scope)
+        options: dict[str, Any] = {}
+        if self.isolation_level is not None:
+            options["isolation_level"] = self.isolation_level
+        if db.dialect == "postgresql":
+            if self.read_only:
+                options["postgresql_readonly"] = True
+        elif self.read_only:
+            options[SQLITE_READ_ONLY] = True
+        else:
+            # Take the write lock up front: a deferred transaction that reads
+            # first and writes later fails at once with SQLITE_BUSY when
+            # another writer got in between.
+            options[SQLITE_IMMEDIATE] = True
+        try:
+            with translate_errors():
+                await session.connection(execution_options=options)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await session.close()
+            raise
+        self._session = session
+
+    async def _begin_nested(self, parent: TransactionManager) -> None:
+        if self.isolation_level is not None or (
+            self.read_only and not parent.read_only
+        ):
+            from ..exceptions import ValidationError
+
+            msg = "isolation_level and read_only apply to the outermost transaction"
+            raise ValidationError(msg, field="isolation_level")
+        if (
+            self._db is not None
+            and parent._db is not None
+            and self._db is not parent._db
+        ):
+            msg = "a nested TransactionManager must use the outer one's database"
+            raise DotMacError(msg, code="transaction_database_mismatch")
+        self._parent = parent
+        self._session = parent.session
+        bind_session(self._session.sync_session, current_scope())
+        with translate_errors():
+            self._savepoint = await self._session.begin_nested()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
+        if exc is None:
+            await self._commit()
+        else:
+            await self._rollback()
+
+    async def _commit(self) -> None:
+        session = self.session
+        try:
+            with translate_errors():
+                if self._savepoint is not None:
+                    await self._savepoint.commit()
+                else:
+                    await session.commit()
+        except BaseException:
+            await self._rollback()
+            raise
+        self._state = _State.COMMITTED
+        if self._parent is not None:
+            self._parent._callbacks.extend(self._callbacks)
+            return
+        await self._close()
+        await self._run_callbacks()
+
+    async def _rollback(self) -> None:
+        session = self._session
+        self._state = _State.ROLLED_BACK
+        self._callbacks.clear()
+        if session is None:
+            return
+        # Shielded and bounded: a cancelled task must still roll back and give
+        # the connection back; one that cannot is invalidated, never reused.
+        with anyio.CancelScope(shield=True):
+            done = False
+            with anyio.move_on_after(ROLLBACK_TIMEOUT):
+                try:
+                    if self._savepoint is not None:
+                        if self._savepoint.is_active:
+                            await self._savepoint.rollback()
+                    else:
+                        await session.rollback()
+                    done = True
+                except Exception:
+                    logger.warning("rollback failed", exc_info=True)
+            if self._parent is None:
+                if not done:
+                    await session.invalidate()
+                await session.close()
+
+    async def _close(self) -> None:
+        if self._session is not None and self._parent is None:
+            with anyio.CancelScope(shield=True):
+                await self._session.close()
+
+    async def _run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("on_commit callback %r failed", callback)
+
+
+def current_transaction() -> TransactionManager | None:
+    """Return the innermost active `TransactionManager` of this context, if any."""
+    tx = _CURRENT.get()
+    return tx if tx is not None and tx._state is _State.ACTIVE else None
+
+
+def transactional(
+    retries: int = 3,
+    isolation_level: IsolationLevel | None = None,
+    *,
+    db: Database | None = None,
+    backoff: float = 0.05,
+    max_backoff: float = 1.0,
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Run the decorated coroutine in a transaction, rerunning it on conflicts.
+
+    A serialization failure or deadlock (SQLSTATE 40001 / 40P01, read from the
+    driver error) rolls back and reruns the whole function up to `retries`
+    more times, sleeping a jittered, exponentially growing delay (at most
+    `max_backoff` seconds). Inside an already active transaction the function
+    joins it as a SAVEPOINT and is not retried (only a whole transaction can be).
+
+    Raises:
+        TransactionConflictError: still conflicting after the last attempt.
+    """
+    if retries < 0:
+        from ..exceptions import ValidationError
+
+        msg = "retries must be >= 0"
+        raise ValidationError(msg, field="retries")
+
+    def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(func)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if current_transaction() is not None:
+                async with TransactionManager(db):
+                    return await func(*args, **kwargs)
+            attempt = 0
+            while True:
+                try:
+                    async with TransactionManager(db, isolation_level=isolation_level):
+                        return await func(*args, **kwargs)
+                except TransactionConflictError as exc:
+                    if attempt >= retries:
+                        raise
+                    attempt += 1
+                    delay = random.uniform(0, min(max_backoff, backoff * 2**attempt))  # noqa: S311
+                    logger.info(
+                        "transaction conflict (SQLSTATE %s), retry %d/%d in %.3fs",
+                        exc.sqlstate,
+                        attempt,
+                        retries,
+                        delay,
+                    )
+                    await anyio.sleep(delay)
+
+        return wrapper
+
+    return decorate
