@@ -28,7 +28,6 @@ from .db.pagination import PaginationResult as PaginationResult
 from .db.repository import AsyncRepository as AsyncRepository
 from .db.session import AsyncSession as AsyncSession
 from .db.session import ConcurrentSessionUseError as ConcurrentSessionUseError
-from .db.transaction import IsolationLevel as IsolationLevel
 from .db.transaction import TransactionManager as TransactionManager
 from .db.transaction import current_transaction as current_transaction
 from .db.transaction import transactional as transactional
@@ -92,7 +91,6 @@ __all__ = [
     "DatabaseError",
     "DotMacError",
     "IntegrityConstraintError",
-    "IsolationLevel",
     "MissingDependencyError",
     "NotFoundError",
     "OperationTimeoutError",

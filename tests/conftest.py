@@ -16,7 +16,14 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from dotmac_core import Database, DatabaseConfig, DotMacError, tenant_scope
+from dotmac_core import (
+    Database,
+    DatabaseConfig,
+    DBBaseModel,
+    DotMacError,
+    configure_database,
+    tenant_scope,
+)
 from dotmac_core.db.database import _reset_default_database
 
 from . import models  # noqa: F401 - registers the test tables on the metadata
@@ -132,3 +139,17 @@ async def pg_factory() -> AsyncIterator[Callable[..., Awaitable[Database]]]:
     yield make
     for database in made:
         await database.dispose()
+
+
+@pytest.fixture
+async def repo_db(db: Database) -> AsyncIterator[Database]:
+    """`db` as the default database; every test table is emptied afterwards.
+
+    Repositories and transactions commit for real, so the rows they leave are
+    deleted after each test (children first).
+    """
+    configure_database(db)
+    yield db
+    async with db.engine.begin() as conn:
+        for table in reversed(DBBaseModel.metadata.sorted_tables):
+            await conn.execute(table.delete())

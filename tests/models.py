@@ -58,7 +58,7 @@ class InvoiceSchema(TenantBaseModel, AuditMixin):
     number: str = Field(max_length=20)
 
 
-class Team(TenantBaseModel, table=True):
+class Squad(TenantBaseModel, table=True):
     """A tenant-owned parent with a relationship to its members."""
 
     name: str = Field(max_length=50)
@@ -74,8 +74,8 @@ class Member(TenantBaseModel, AuditMixin, table=True):
     name: str = Field(max_length=50)
     rank: int = 0
     balance_cents: int = 0
-    team_id: uuid.UUID | None = Field(default=None, foreign_key="team.id")
-    team: Team | None = Relationship(back_populates="members")
+    team_id: uuid.UUID | None = Field(default=None, foreign_key="squad.id")
+    team: Squad | None = Relationship(back_populates="members")
 
 
 class User(TenantBaseModel, table=True):

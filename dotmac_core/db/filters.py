@@ -63,7 +63,7 @@ def _columns(model: type[Any]) -> Mapping[str, Any]:
 def _attribute(model: type[Any], name: str, *, what: str) -> InstrumentedAttribute[Any]:
     if not isinstance(name, str) or not _NAME.match(name):
         msg = f"invalid {what} name {name!r}"
-        raise ValidationError(msg, field=str(name)[:64])
+        raise ValidationError(msg, field=str(name)[:64] or what)
     if name not in _columns(model):
         msg = f"{model.__name__} has no column {name!r} to {what} by"
         raise ValidationError(msg, field=name)

@@ -120,7 +120,8 @@ class AuditMixin(SoftDeleteMixin):
         sa_type=String(MAX_USER_ID_LENGTH),
         max_length=MAX_USER_ID_LENGTH,
         nullable=True,
-        sa_column_kwargs={"onupdate": current_user_id},
+        # Set on update by the toolkit session and the repository, only when
+        # the context names a user: an anonymous update keeps the last editor.
     )
 
 

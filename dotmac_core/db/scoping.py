@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, event, inspect
-from sqlalchemy.sql import visitors
 from sqlalchemy.orm import ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm import Session as SASession
+from sqlalchemy.sql import visitors
 from sqlmodel import Session
 from sqlmodel.main import default_registry
 
@@ -214,7 +214,7 @@ def _models_in(state: ORMExecuteState) -> list[type[Any]]:
     would leave those reads unscoped; walking the statement finds them.
     """
     models = {mapper.class_ for mapper in state.all_mappers}
-    for element in visitors.iterate(state.statement):
+    for element in visitors.iterate(cast("Any", state.statement)):
         if isinstance(element, Table):
             models.update(_table_models(element))
     return list(models)
@@ -270,11 +270,11 @@ def _scope_flush(session: SASession, _context: UOWTransaction, _instances: Any) 
     for obj in session.dirty:
         model = type(obj)
         if is_tenant_model(model):
-            scope = scope or current_scope()
-            _check_row(session, obj, scope, "update")
             if inspect(obj).attrs.tenant_id.history.has_changes():
                 msg = f"tenant_id of a {model.__name__} row cannot change"
                 raise TenantError(msg)
+            scope = scope or current_scope()
+            _check_row(session, obj, scope, "update")
         if user is not None and hasattr(obj, "updated_by") and session.is_modified(obj):
             obj.updated_by = user
     for obj in session.deleted:

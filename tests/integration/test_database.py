@@ -40,11 +40,12 @@ async def test_sqlite_memory_database() -> None:
             async with db.session() as session:
                 session.add(Invoice(number="MEM-1"))
                 await session.commit()
-        async with db.session() as session:
-            rows = (await session.exec(select(Invoice))).all()
+            async with db.session() as session:
+                rows = (await session.exec(select(Invoice))).all()
         assert [row.number for row in rows] == ["MEM-1"]
 
 
+@pytest.mark.usefixtures("acme")
 async def test_savepoint_first_is_rolled_back_with_outer(db: Database) -> None:
     """A savepoint taken as the first statement rolls back with its outer transaction.
 
@@ -52,7 +53,7 @@ async def test_savepoint_first_is_rolled_back_with_outer(db: Database) -> None:
     """
     number = f"SP-{db.dialect}"
     async with db.session() as session:
-        with pytest.raises(RuntimeError, match="outer fails"):  # noqa: PT012
+        with pytest.raises(RuntimeError, match="outer fails"):
             async with session.begin():
                 async with session.begin_nested():
                     session.add(Invoice(number=number, tenant_id="acme"))
@@ -64,6 +65,7 @@ async def test_savepoint_first_is_rolled_back_with_outer(db: Database) -> None:
     assert found == []
 
 
+@pytest.mark.usefixtures("acme")
 async def test_savepoint_rollback_keeps_outer_work(db: Database) -> None:
     """Rolling back a savepoint undoes only its own work.
 

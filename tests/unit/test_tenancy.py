@@ -62,7 +62,7 @@ def test_scope_nests_and_restores() -> None:
     """`tenant_scope` restores the outer tenant, also after an exception."""
     with tenant_scope("a", user_id="u1") as ctx:
         assert ctx == TenantContext("a", "u1")
-        with pytest.raises(RuntimeError), tenant_scope("b"):  # noqa: PT012
+        with pytest.raises(RuntimeError), tenant_scope("b"):
             assert get_current_tenant() == "b"
             raise RuntimeError
         assert get_current_tenant() == "a"

@@ -1,0 +1,220 @@
+"""Tenant isolation: tenant A cannot see or touch tenant B's rows, by any path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy import delete, func, insert, update
+from sqlmodel import select
+
+from dotmac_core import (
+    AsyncRepository,
+    Database,
+    NotFoundError,
+    TenantError,
+    TransactionManager,
+    ValidationError,
+    tenant_scope,
+)
+
+from ..models import Member, Squad
+
+pytestmark = pytest.mark.usefixtures("repo_db")
+
+
+class Members(AsyncRepository[Member]):
+    """Members."""
+
+
+async def _seed() -> tuple[Member, Member]:
+    with tenant_scope("tenant-a", user_id="a-user"):
+        mine = await Members().create({"email": "same@x", "name": "A", "rank": 1})
+    with tenant_scope("tenant-b", user_id="b-user"):
+        theirs = await Members().create({"email": "same@x", "name": "B", "rank": 1})
+    return mine, theirs
+
+
+async def _b_rows_untouched(theirs: Member) -> None:
+    with tenant_scope("tenant-b"):
+        rows = await Members().list(include_deleted=True)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.id, row.name, row.rank, row.deleted_at) == (theirs.id, "B", 1, None)
+    assert row.updated_at == theirs.updated_at
+
+
+async def test_repository_methods_are_isolated() -> None:
+    """Every repository method run as A leaves B's row unseen and unchanged."""
+    mine, theirs = await _seed()
+    repo = Members()
+    with tenant_scope("tenant-a", user_id="a-user"):
+        assert await repo.get_by_id(theirs.id) is None
+        assert await repo.get_by_id(theirs.id, include_deleted=True) is None
+        assert [m.id for m in await repo.list()] == [mine.id]
+        assert [m.id for m in await repo.list({"name": "B"})] == []
+        assert await repo.count() == 1
+        assert await repo.count({"tenant_id": "tenant-b"}) == 0
+        assert not await repo.exists({"id": theirs.id})
+        assert await repo.get_by_field("name", "B") is None
+        with pytest.raises(NotFoundError):
+            await repo.get_one(id=theirs.id)
+        with pytest.raises(NotFoundError):
+            await repo.update(theirs.id, {"name": "hacked"})
+        assert await repo.update_many(None, {"rank": 99}) == 1  # only A's row
+        assert await repo.update_many({"id": theirs.id}, {"rank": 99}) == 0
+        assert not await repo.delete(theirs.id)
+        assert not await repo.delete(theirs.id, hard=True)
+        with pytest.raises(NotFoundError):
+            await repo.restore(theirs.id)
+        page = await repo.list_paginated(size=10)
+        assert [m.id for m in page.items] == [mine.id]
+        assert page.total == 1
+        keyset = await repo.list_after(size=10)
+        assert [m.id for m in keyset.items] == [mine.id]
+        # Upsert on the shared key touches A's own row, never B's.
+        upserted = await repo.upsert(
+            {"email": "same@x", "name": "A2"}, conflict_on=["email"]
+        )
+        assert upserted.id == mine.id
+        # Naming B explicitly is refused, not silently re-stamped.
+        with pytest.raises(TenantError):
+            await repo.create({"email": "new@x", "name": "N", "tenant_id": "tenant-b"})
+        with pytest.raises(TenantError):
+            await repo.upsert(
+                {"email": "same@x", "name": "X", "tenant_id": "tenant-b"},
+                conflict_on=["email"],
+            )
+        with pytest.raises(TenantError):
+            await repo.update(mine.id, {"tenant_id": "tenant-b"})
+        with pytest.raises(TenantError):
+            await repo.update_many(None, {"tenant_id": "tenant-b"})
+    await _b_rows_untouched(theirs)
+
+
+async def test_raw_orm_statements_are_scoped(db: Database) -> None:
+    """Plain ORM select / update / delete / get on a toolkit session see one tenant."""
+    mine, theirs = await _seed()
+    with tenant_scope("tenant-a"):
+        async with db.session() as session:
+            rows = (await session.exec(select(Member))).all()
+            assert [r.id for r in rows] == [mine.id]
+            count = (await session.exec(select(func.count()).select_from(Member))).one()
+            assert count == 1
+            sub = select(Member.id).subquery()
+            assert (
+                await session.exec(select(func.count()).select_from(sub))
+            ).one() == 1
+            assert await session.get(Member, theirs.id) is None
+            await session.exec(update(Member).values(rank=50))
+            await session.exec(delete(Member).where(Member.id == theirs.id))
+            await session.commit()
+    await _b_rows_untouched(theirs)
+
+
+async def test_raw_orm_inserts_are_stamped_and_checked(db: Database) -> None:
+    """ORM INSERTs on a toolkit session get the tenant; another tenant is refused."""
+    with tenant_scope("tenant-a"):
+        async with db.session() as session:
+            await session.exec(insert(Member), params=[{"email": "i@x", "name": "I"}])
+            with pytest.raises(TenantError):
+                await session.exec(
+                    insert(Member),
+                    params=[{"email": "j@x", "name": "J", "tenant_id": "tenant-b"}],
+                )
+            with pytest.raises(TenantError):
+                await session.exec(
+                    insert(Member).values(email="k@x", name="K", tenant_id="tenant-b")
+                )
+            await session.commit()
+        assert await Members().count() == 1
+    with tenant_scope("tenant-b"):
+        assert await Members().count() == 0
+
+
+async def test_identity_map_cannot_cross_tenants(db: Database) -> None:
+    """A session that loaded A's rows refuses to work for B (no SQL would run)."""
+    mine, _ = await _seed()
+    async with db.session() as session:
+        with tenant_scope("tenant-a"):
+            assert await session.get(Member, mine.id) is not None
+        with tenant_scope("tenant-b"), pytest.raises(TenantError, match="tenant-a"):
+            await session.get(Member, mine.id)
+        with tenant_scope("tenant-b"), pytest.raises(TenantError):
+            await session.exec(select(Member))
+
+
+async def test_flush_refuses_foreign_rows(db: Database) -> None:
+    """Adding, changing or deleting another tenant's object fails at flush."""
+    _, theirs = await _seed()
+    with tenant_scope("tenant-a"):
+        async with db.session() as session:
+            session.add(Member(email="f@x", name="F", tenant_id="tenant-b"))
+            with pytest.raises(TenantError):
+                await session.flush()
+    with tenant_scope("tenant-b"):
+        async with db.session() as session:
+            row = await session.get(Member, theirs.id)
+            assert row is not None
+            row.tenant_id = "tenant-a"
+            with pytest.raises(TenantError, match="cannot change"):
+                await session.flush()
+    await _b_rows_untouched(theirs)
+
+
+async def test_no_tenant_fails_closed(db: Database) -> None:
+    """Without a tenant, tenant-scoped reads and writes raise TenantError."""
+    await _seed()
+    async with db.session() as session:
+        with pytest.raises(TenantError):
+            await session.exec(select(Member))
+    with pytest.raises(TenantError):
+        await Members().list()
+    with pytest.raises(TenantError):
+        Member(email="x@x", name="X")  # no tenant to stamp
+
+
+async def test_bypass_for_admin_jobs(caplog: pytest.LogCaptureFixture) -> None:
+    """An explicit, logged bypass sees every tenant; writes must name theirs."""
+    mine, theirs = await _seed()
+    with (
+        caplog.at_level(logging.WARNING, logger="dotmac_core.tenancy"),
+        tenant_scope(None, bypass=True, reason="nightly report"),
+    ):
+        rows = await Members().list(order_by="name")
+        assert [r.id for r in rows] == [mine.id, theirs.id]
+        assert await Members().count() == 2
+        created = await Members().create(
+            {"email": "adm@x", "name": "Adm", "tenant_id": "tenant-b"}
+        )
+        assert created.tenant_id == "tenant-b"
+        with pytest.raises(ValidationError):
+            async with TransactionManager() as tx:
+                await tx.session.exec(
+                    insert(Member), params=[{"email": "n@x", "name": "N"}]
+                )
+    assert "nightly report" in caplog.text
+    with pytest.raises(ValidationError), tenant_scope("tenant-a", bypass=True):
+        pass  # pragma: no cover - refused before the block
+
+
+async def test_relationship_loads_are_scoped(db: Database) -> None:
+    """Loading a relationship never brings in another tenant's rows."""
+    with tenant_scope("tenant-a"):
+        team = Squad(name="shared")
+        async with db.session() as session:
+            session.add(team)
+            await session.commit()
+    # Tenant B's member points at A's team (bypass: an admin job wrote it).
+    with tenant_scope(None, bypass=True):
+        await Members().create(
+            {"email": "b@x", "name": "B", "team_id": team.id, "tenant_id": "tenant-b"}
+        )
+    with tenant_scope("tenant-a"):
+        loaded = await AsyncRepositoryTeams().get_by_id(team.id, load=["members"])
+        assert loaded is not None
+        assert loaded.members == []
+
+
+class AsyncRepositoryTeams(AsyncRepository[Squad]):
+    """Teams."""
