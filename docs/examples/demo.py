@@ -12,14 +12,19 @@ from pathlib import Path
 from sqlmodel import Field
 
 from dotmac_core import (
+    AsyncRepository,
     AuditMixin,
+    BusinessRuleError,
     CacheConfig,
     Database,
     DatabaseConfig,
     DBBaseModel,
+    NotFoundError,
     SecurityConfig,
     TenantBaseModel,
     TenantError,
+    TransactionManager,
+    configure_database,
     get_tenant_context,
     require_current_tenant,
     tenant_scope,
@@ -92,6 +97,75 @@ async def show_tenancy(db: Database) -> None:
     )
 
 
+class CustomerRepository(AsyncRepository[CustomerAccount]):
+    """Customers of the current tenant."""
+
+
+async def show_repositories() -> None:
+    """Add customers for two tenants, page through them, and show isolation."""
+    print("== repositories")
+    repo = CustomerRepository()
+    for tenant in ("acme", "globex"):
+        with tenant_scope(tenant, user_id="importer"):
+            rows = await repo.create_many(
+                {"name": f"{tenant} customer {i:02d}", "balance_cents": 1000}
+                for i in range(25)
+            )
+            print(f"  {tenant}: added {len(rows)} customers in one batched insert")
+    with tenant_scope("acme"):
+        page = await repo.list_paginated(page=2, size=10, order_by="name")
+        names = ", ".join(c.name.rsplit(" ", 1)[1] for c in page.items)
+        print(
+            f"  acme page {page.page}/{page.pages} of {page.total}: {names} "
+            f"(has_next={page.has_next})"
+        )
+        cursor, pages = None, 0
+        while True:
+            keyset = await repo.list_after(cursor, size=10, order_by="name")
+            pages += 1
+            cursor = keyset.next_cursor
+            if cursor is None:
+                break
+        print(f"  acme keyset pages of 10: {pages}")
+        acme_row = page.items[0]
+    with tenant_scope("globex"):
+        print(
+            f"  globex sees {await repo.count()} customers; "
+            f"acme's {acme_row.name!r}: {await repo.get_by_id(acme_row.id)}"
+        )
+
+
+async def transfer(from_id: object, to_id: object, cents: int) -> None:
+    """Move money between two accounts in one transaction (the handbook's example)."""
+    repo = CustomerRepository()
+    async with TransactionManager():
+        source = await repo.get_by_id(from_id)
+        target = await repo.get_by_id(to_id)
+        if source is None or target is None:
+            raise NotFoundError("account not found")
+        await repo.update(source.id, {"balance_cents": source.balance_cents - cents})
+        await repo.update(target.id, {"balance_cents": target.balance_cents + cents})
+        if source.balance_cents - cents < 0:
+            raise BusinessRuleError("insufficient balance")
+
+
+async def show_transfer() -> None:
+    """A transfer commits as a whole; a failing one leaves both balances alone."""
+    print("== transactions")
+    repo = CustomerRepository()
+    with tenant_scope("acme", user_id="alice"):
+        first, second = await repo.list(order_by="name", limit=2)
+        await transfer(first.id, second.id, 250)
+        try:
+            await transfer(first.id, second.id, 5000)
+        except BusinessRuleError as exc:
+            print(f"  second transfer refused: {exc.message}; nothing was written")
+        balances = [
+            (await repo.get_one(id=row.id)).balance_cents for row in (first, second)
+        ]
+    print(f"  balances after one transfer of 250: {balances}")
+
+
 async def _tenant_in_child_task() -> str | None:
     context = get_tenant_context()
     return None if context is None else context.tenant_id
@@ -106,9 +180,12 @@ async def main() -> None:
             db_config = DatabaseConfig(database=str(Path(workdir) / "demo.db"))
         show_configuration(db_config)
         async with Database(db_config) as db:
+            configure_database(db)
             await db.drop_all()
             await show_tables(db)
             await show_tenancy(db)
+            await show_repositories()
+            await show_transfer()
             await db.drop_all()
     print("== done")
 
