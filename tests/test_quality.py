@@ -36,6 +36,12 @@ def test_ruff_format() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_docs_build_strictly(tmp_path: Path) -> None:
+    """The MkDocs site builds with `--strict` (no broken link or include)."""
+    result = _tool("mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_strict() -> None:
     """`mypy --strict` passes on the package and the typing checks."""
     result = _tool("mypy", "--strict", "dotmac_core", "tests/typing")
