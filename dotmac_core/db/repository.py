@@ -254,6 +254,22 @@ class AsyncRepository(Generic[ModelT]):
         only_deleted: bool = False,
     ) -> int:
         """Return how many rows match `filters`."""
+        async with self._use(read_only=True) as session:
+            return await self._count(
+                session,
+                filters,
+                include_deleted=include_deleted,
+                only_deleted=only_deleted,
+            )
+
+    async def _count(
+        self,
+        session: AsyncSession,
+        filters: Mapping[str, Any] | None,
+        *,
+        include_deleted: bool,
+        only_deleted: bool,
+    ) -> int:
         statement = (
             select(func.count())
             .select_from(self.model)
@@ -264,8 +280,7 @@ class AsyncRepository(Generic[ModelT]):
                 )
             )
         )
-        async with self._use(read_only=True) as session:
-            return int((await session.exec(statement)).one())
+        return int((await session.exec(statement)).one())
 
     async def exists(
         self,
@@ -535,7 +550,12 @@ class AsyncRepository(Generic[ModelT]):
             rows = builtins.list((await session.exec(statement)).all())
             total = None
             if with_total:
-                total = await self.count(filters, include_deleted=include_deleted)
+                total = await self._count(
+                    session,
+                    filters,
+                    include_deleted=include_deleted,
+                    only_deleted=False,
+                )
         return PaginationResult[ModelT].build(
             rows[:size], page=page, size=size, total=total, more=len(rows) > size
         )

@@ -106,3 +106,16 @@ async def test_keyset_cursor_is_bound_and_signed() -> None:
             await other_key.list_after(page.next_cursor, size=2, order_by="rank")
         with pytest.raises(ValidationError, match="nullable"):
             await Members().list_after(size=2, order_by="team_id")
+
+
+async def test_pages_work_on_an_in_memory_database() -> None:
+    """A page and its count share one session (an in-memory SQLite has one)."""
+    from dotmac_core import Database, configure_database
+
+    async with Database("sqlite+aiosqlite://") as memory:
+        await memory.create_all()
+        configure_database(memory)
+        with tenant_scope("acme"):
+            await _members(3)
+            page = await Members().list_paginated(1, 2)
+        assert (page.total, len(page.items)) == (3, 2)
