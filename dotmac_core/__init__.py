@@ -31,6 +31,10 @@ from .db.session import ConcurrentSessionUseError as ConcurrentSessionUseError
 from .db.transaction import TransactionManager as TransactionManager
 from .db.transaction import current_transaction as current_transaction
 from .db.transaction import transactional as transactional
+from .decorators import is_transient as is_transient
+from .decorators import retry_on_failure as retry_on_failure
+from .decorators import standard_exception_handler as standard_exception_handler
+from .decorators import timeout as timeout
 from .exceptions import AlreadyExistsError as AlreadyExistsError
 from .exceptions import AuthenticationError as AuthenticationError
 from .exceptions import AuthorizationError as AuthorizationError
@@ -55,6 +59,8 @@ from .guards import is_schemas_available as is_schemas_available
 from .guards import require_cache as require_cache
 from .guards import require_database as require_database
 from .guards import require_schemas as require_schemas
+from .ratelimit import close_rate_limiters as close_rate_limiters
+from .ratelimit import rate_limit as rate_limit
 from .tenancy import TenantContext as TenantContext
 from .tenancy import TenantToken as TenantToken
 from .tenancy import current_user_id as current_user_id
@@ -111,6 +117,7 @@ __all__ = [
     "TransactionManager",
     "UUIDMixin",
     "ValidationError",
+    "close_rate_limiters",
     "configure_database",
     "current_transaction",
     "current_user_id",
@@ -121,14 +128,19 @@ __all__ = [
     "is_database_available",
     "is_schemas_available",
     "is_scoping_bypassed",
+    "is_transient",
+    "rate_limit",
     "require_cache",
     "require_current_tenant",
     "require_database",
     "require_schemas",
     "reset_current_tenant",
+    "retry_on_failure",
     "set_current_tenant",
     "snake_case",
+    "standard_exception_handler",
     "tenant_scope",
+    "timeout",
     "transactional",
     "translate_errors",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 import socket
 import sqlite3
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -395,6 +396,50 @@ def _translate_integrity(
     )
 
 
+def _service_error(message: str, *, transient: bool) -> ServiceError:
+    error = ServiceError(message)
+    error.transient = transient
+    return error
+
+
+#: redis-py error classes by meaning. Looked up by name, so a class that an
+#: older redis-py lacks (`AuthorizationError` is recent) is simply skipped.
+_REDIS_REFUSED = ("AuthenticationError", "AuthorizationError", "NoPermissionError")
+_REDIS_UNAVAILABLE = (
+    "ConnectionError",  # refused, reset, still loading, pool exhausted
+    "ClusterDownError",  # failover in progress
+    "TryAgainError",  # slot being migrated
+    "ReadOnlyError",  # wrote to a master that was just demoted
+    "SlotNotCoveredError",  # slot map not yet updated after a failover
+)
+
+
+def _redis_classes(module: Any, names: tuple[str, ...]) -> tuple[type, ...]:
+    return tuple(getattr(module, name) for name in names if hasattr(module, name))
+
+
+def _translate_redis(exc: BaseException) -> DotMacError | None:
+    """Map a redis-py error; `None` when `exc` is not one.
+
+    redis is an optional extra: if `redis.exceptions` was never imported, no
+    redis error can exist, so nothing is imported here. `RedisClusterException`
+    is checked on its own because it is not a `RedisError` (redis-py 7 and 8).
+    """
+    errors = sys.modules.get("redis.exceptions")
+    if errors is None or not isinstance(
+        exc, (errors.RedisError, errors.RedisClusterException)
+    ):
+        return None
+    kind = type(exc).__name__
+    if isinstance(exc, errors.TimeoutError):
+        return OperationTimeoutError(f"Redis did not answer in time ({kind})")
+    if isinstance(exc, _redis_classes(errors, _REDIS_REFUSED)):
+        return _service_error(f"Redis refused the client ({kind})", transient=False)
+    if isinstance(exc, _redis_classes(errors, _REDIS_UNAVAILABLE)):
+        return _service_error(f"Redis is unavailable ({kind})", transient=True)
+    return _service_error(f"Redis error ({kind})", transient=False)
+
+
 def translate_error(exc: BaseException) -> BaseException:
     """Return the dotmac_core error for a driver error, or `exc` itself if unknown."""
     if isinstance(exc, DotMacError):
@@ -411,6 +456,9 @@ def translate_error(exc: BaseException) -> BaseException:
         return ValidationError(f"value rejected by the column type: {exc.orig}")
     if isinstance(exc, sa_exc.SQLAlchemyError):
         return DatabaseError(f"database error ({type(exc).__name__})")
+    redis_error = _translate_redis(exc)
+    if redis_error is not None:
+        return redis_error
     if isinstance(exc, TimeoutError):
         # asyncpg's command_timeout raises the builtin, unwrapped by SQLAlchemy.
         return OperationTimeoutError("database command timed out")

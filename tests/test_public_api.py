@@ -7,7 +7,8 @@ import inspect
 import dotmac_core
 
 #: Public names DESIGN.md fixes for the parts built so far (models, database,
-#: tenancy, config, guards, exceptions). Later parts extend this list.
+#: tenancy, config, guards, exceptions, data access, decorators). The cache
+#: names join when the cache lands.
 DESIGN_NAMES = {
     "AlreadyExistsError",
     "AuditMixin",
@@ -50,6 +51,18 @@ DESIGN_NAMES = {
     "set_current_tenant",
     "tenant_scope",
     "translate_errors",
+    # data access
+    "AsyncRepository",
+    "CursorPage",
+    "PaginationParams",
+    "PaginationResult",
+    "TransactionManager",
+    "transactional",
+    # decorators and rate limiting
+    "rate_limit",
+    "retry_on_failure",
+    "standard_exception_handler",
+    "timeout",
 }
 
 

@@ -19,9 +19,9 @@ from dotmac_core import (
     TransactionManager,
     ValidationError,
     require_current_tenant,
+    standard_exception_handler,
     tenant_scope,
 )
-from dotmac_core.decorators import standard_exception_handler
 
 from ..models import Member, Squad, Tag, User
 
