@@ -17,7 +17,16 @@ from __future__ import annotations
 
 import builtins
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get_origin
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    TypeVar,
+    cast,
+    get_args,
+    get_origin,
+)
 
 from pydantic_core import to_jsonable_python
 from sqlalchemy import ColumnElement, and_, false, func, inspect, or_, tuple_
@@ -409,7 +418,11 @@ class AsyncRepository(Generic[ModelT]):
 
         Raises:
             NotFoundError: no soft-deleted row with this key (for this tenant).
+            ValidationError: the model has no soft delete.
         """
+        if not has_soft_delete(self.model):
+            msg = f"{self.model.__name__} has no soft delete: nothing to restore"
+            raise ValidationError(msg, field="id")
         key = self._id(id)
         statement = (
             sa_update(self.model)
@@ -447,12 +460,29 @@ class AsyncRepository(Generic[ModelT]):
         row = validated(self.model, data)
         target = self._conflict_target(conflict_on)
         values = {key: getattr(row, key) for key in self._columns}
-        keep = {self._pk.key, "created_at", "created_by", "tenant_id", *target}
+        keep = {
+            self._pk.key,
+            "created_at",
+            "created_by",
+            "updated_by",
+            "tenant_id",
+            *target,
+        }
+        # An existing row changes only in the fields the caller gave (all of
+        # them for a model object); omitted fields keep their stored values.
+        given: frozenset[str] = (
+            self._columns
+            if isinstance(data, self.model)
+            else frozenset(cast("Mapping[str, Any]", data))
+        )
         updates: dict[str, Any] = {
-            key: value for key, value in values.items() if key not in keep
+            key: values[key] for key in given if key in values and key not in keep
         }
         if "updated_at" in self._columns:
             updates["updated_at"] = utc_now()
+        user = current_user_id()
+        if user is not None and "updated_by" in self._columns:
+            updates["updated_by"] = user
         async with self._use() as session:
             scope = current_scope()
             where = None

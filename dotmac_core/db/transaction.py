@@ -8,6 +8,7 @@ the outer one's session.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import functools
@@ -19,7 +20,13 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Self, TypeVar
 
 import anyio
 
-from ..exceptions import DotMacError, TransactionConflictError, translate_errors
+from ..exceptions import (
+    DotMacError,
+    TransactionConflictError,
+    ValidationError,
+    translate_error,
+    translate_errors,
+)
 from .database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY, Database, get_database
 from .scoping import bind_session, current_scope
 
@@ -56,6 +63,11 @@ _CURRENT: contextvars.ContextVar[TransactionManager | None] = contextvars.Contex
 )
 
 Callback = Callable[[], Awaitable[None] | None]
+
+_ISOLATION_LEVELS: dict[str, frozenset[str]] = {
+    "postgresql": frozenset({"SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED"}),
+    "sqlite": frozenset({"SERIALIZABLE", "READ UNCOMMITTED"}),
+}
 
 
 class _State(enum.Enum):
@@ -98,6 +110,7 @@ class TransactionManager:
         self._savepoint: AsyncSessionTransaction | None = None
         self._callbacks: list[Callback] = []
         self._token: contextvars.Token[TransactionManager | None] | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     @property
     def session(self) -> AsyncSession:
@@ -129,7 +142,14 @@ class TransactionManager:
             msg = "a TransactionManager is entered once; create a new one"
             raise DotMacError(msg, code="transaction_reused")
         parent = _CURRENT.get()
-        if parent is not None and parent._state is _State.ACTIVE:
+        self._task = asyncio.current_task()
+        # A savepoint needs the outer transaction's connection, which only the
+        # task that opened it may drive; a child task gets its own transaction.
+        if (
+            parent is not None
+            and parent._state is _State.ACTIVE
+            and parent._task is self._task
+        ):
             await self._begin_nested(parent)
         else:
             await self._begin()
@@ -139,6 +159,15 @@ class TransactionManager:
 
     async def _begin(self) -> None:
         db = self._db or get_database()
+        if (
+            self.isolation_level is not None
+            and self.isolation_level not in _ISOLATION_LEVELS[db.dialect]
+        ):
+            msg = (
+                f"{db.dialect} supports isolation levels "
+                f"{sorted(_ISOLATION_LEVELS[db.dialect])}, not {self.isolation_level!r}"
+            )
+            raise ValidationError(msg, field="isolation_level")
         session = db.session()
         scope = current_scope()
         bind_session(session.sync_session, scope)
@@ -168,8 +197,6 @@ class TransactionManager:
         if self.isolation_level is not None or (
             self.read_only and not parent.read_only
         ):
-            from ..exceptions import ValidationError
-
             msg = "isolation_level and read_only apply to the outermost transaction"
             raise ValidationError(msg, field="isolation_level")
         if (
@@ -196,8 +223,13 @@ class TransactionManager:
             self._token = None
         if exc is None:
             await self._commit()
-        else:
-            await self._rollback()
+            return
+        await self._rollback()
+        # Driver errors raised by statements inside the block leave it as
+        # dotmac_core errors too (so @transactional sees 40001 / 40P01).
+        translated = translate_error(exc)
+        if translated is not exc:
+            raise translated from exc
 
     async def _commit(self) -> None:
         session = self.session
@@ -230,8 +262,9 @@ class TransactionManager:
             with anyio.move_on_after(ROLLBACK_TIMEOUT):
                 try:
                     if self._savepoint is not None:
-                        if self._savepoint.is_active:
-                            await self._savepoint.rollback()
+                        # Also when a failed flush already deactivated it: the
+                        # session needs this rollback to use the outer again.
+                        await self._savepoint.rollback()
                     else:
                         await session.rollback()
                     done = True
@@ -284,8 +317,6 @@ def transactional(
         TransactionConflictError: still conflicting after the last attempt.
     """
     if retries < 0:
-        from ..exceptions import ValidationError
-
         msg = "retries must be >= 0"
         raise ValidationError(msg, field="retries")
 

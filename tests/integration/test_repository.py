@@ -224,6 +224,8 @@ async def test_soft_delete_and_restore() -> None:
         assert await repo.count(include_deleted=True) == 1
         with pytest.raises(ValidationError):
             await TagRepository().list(only_deleted=True)
+        with pytest.raises(ValidationError, match="no soft delete"):
+            await TagRepository().restore(uuid.uuid4())
 
 
 async def test_audit_columns_follow_the_user() -> None:
@@ -267,6 +269,11 @@ async def test_upsert_inserts_then_updates() -> None:
             await repo.upsert({"email": "u@x", "name": "x"}, conflict_on=["name"])
         with pytest.raises(ValidationError):
             await repo.upsert({"email": "u@x", "name": "x"}, conflict_on="email")
+        # Fields left out keep their stored values on the update path.
+        third = await repo.upsert(
+            {"email": "u@x", "name": "Three"}, conflict_on=["email"]
+        )
+        assert (third.name, third.rank) == ("Three", 9)
     tag = await TagRepository().upsert(
         {"label": "t", "weight": 1}, conflict_on=["label"]
     )

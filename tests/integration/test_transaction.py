@@ -10,6 +10,7 @@ import pytest
 from sqlmodel import select
 
 from dotmac_core import (
+    AlreadyExistsError,
     AsyncRepository,
     ConcurrentSessionUseError,
     Database,
@@ -261,3 +262,50 @@ async def test_serializable_increments_are_retried(
     assert final.weight == 8
     assert attempts > 8
     assert "transaction conflict (SQLSTATE 40001)" in caplog.text
+
+
+async def test_savepoint_recovers_from_a_failed_write() -> None:
+    """A nested block around a failing create lets the outer transaction go on."""
+    async with TransactionManager():
+        await Tags().create({"label": "first"})
+        with pytest.raises(AlreadyExistsError):
+            async with TransactionManager():
+                await Tags().create({"label": "first"})
+        await Tags().create({"label": "second"})
+    assert sorted(t.label for t in await Tags().list()) == ["first", "second"]
+
+
+async def test_driver_errors_leave_the_block_translated(db: Database) -> None:
+    """A raw statement failing inside the block leaves it as a DotMacError."""
+    with pytest.raises(DatabaseError) as info:
+        async with TransactionManager() as tx:
+            conn = await tx.session.connection()
+            await conn.exec_driver_sql("SELECT * FROM no_such_table")
+    assert info.value.__cause__ is not None
+
+
+async def test_child_task_gets_its_own_transaction() -> None:
+    """A TransactionManager in a child task is independent of the parent's.
+
+    The parent only reads: on SQLite a writing parent would hold the write
+    lock that its children wait for.
+    """
+    async with TransactionManager(read_only=True) as parent:
+
+        async def child() -> bool:
+            async with TransactionManager() as own:
+                await Tags().create({"label": "child"})
+                return own.session is not parent.session and not own.is_nested
+
+        results = await asyncio.gather(child(), child(), return_exceptions=True)
+    assert sorted(map(repr, results))[0].startswith("AlreadyExistsError")
+    assert True in results
+    assert await Tags().count() == 1
+
+
+async def test_unsupported_isolation_level_is_refused(db: Database) -> None:
+    """An isolation level the database does not have is a ValidationError."""
+    level = "READ UNCOMMITTED" if db.dialect == "postgresql" else "READ COMMITTED"
+    with pytest.raises(ValidationError, match="isolation levels"):
+        async with TransactionManager(isolation_level=level):  # type: ignore[arg-type]
+            pass  # pragma: no cover - refused on entry
