@@ -333,11 +333,21 @@ def _sqlite_code(orig: BaseException | None) -> int | None:
 
 def _translate_dbapi(exc: sa_exc.DBAPIError) -> DotMacError:
     """Map one SQLAlchemy-wrapped driver error onto the hierarchy."""
-    orig = exc.orig
+    return _translate_driver(
+        exc.orig,
+        kind=type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+        invalidated=exc.connection_invalidated,
+        integrity=isinstance(exc, sa_exc.IntegrityError),
+    )
+
+
+def _translate_driver(
+    orig: BaseException | None, *, kind: str, invalidated: bool, integrity: bool
+) -> DotMacError:
+    """Map a driver error (bare, or the `orig` of SQLAlchemy's wrapper)."""
     state = _sqlstate(orig)
     sqlite_code = _sqlite_code(orig)
-    kind = type(orig).__name__ if orig is not None else type(exc).__name__
-    if exc.connection_invalidated or (state is not None and state.startswith("08")):
+    if invalidated or (state is not None and state.startswith("08")):
         return DatabaseConnectionError(
             f"database connection lost ({kind})", sqlstate=state
         )
@@ -355,8 +365,8 @@ def _translate_dbapi(exc: sa_exc.DBAPIError) -> DotMacError:
             f"database statement timed out ({kind}, SQLSTATE {state})",
             details={"sqlstate": state},
         )
-    if isinstance(exc, sa_exc.IntegrityError) or (state or "").startswith("23"):
-        return _translate_integrity(exc, state, sqlite_code)
+    if integrity or (state or "").startswith("23"):
+        return _translate_integrity(orig, state, sqlite_code)
     if sqlite_code is not None and sqlite_code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return OperationTimeoutError(
             "SQLite database is locked (busy timeout expired)",
@@ -366,9 +376,8 @@ def _translate_dbapi(exc: sa_exc.DBAPIError) -> DotMacError:
 
 
 def _translate_integrity(
-    exc: sa_exc.DBAPIError, state: str | None, sqlite_code: int | None
+    orig: BaseException | None, state: str | None, sqlite_code: int | None
 ) -> IntegrityConstraintError:
-    orig = exc.orig
     constraint = _constraint_name(orig)
     is_unique = state == _UNIQUE_VIOLATION or sqlite_code in (
         _SQLITE_CONSTRAINT_UNIQUE,
@@ -456,6 +465,12 @@ def translate_error(exc: BaseException) -> BaseException:
         return ValidationError(f"value rejected by the column type: {exc.orig}")
     if isinstance(exc, sa_exc.SQLAlchemyError):
         return DatabaseError(f"database error ({type(exc).__name__})")
+    if type(exc).__module__.startswith("asyncpg") and hasattr(exc, "sqlstate"):
+        # A bare asyncpg error: raised by calls made on the driver connection
+        # itself (COPY), outside SQLAlchemy's wrapping.
+        return _translate_driver(
+            exc, kind=type(exc).__name__, invalidated=False, integrity=False
+        )
     redis_error = _translate_redis(exc)
     if redis_error is not None:
         return redis_error
@@ -486,7 +501,7 @@ def translate_errors() -> Iterator[None]:
     """
     try:
         yield
-    except (sa_exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
+    except Exception as exc:
         translated = translate_error(exc)
         if translated is exc:
             raise

@@ -34,7 +34,7 @@ from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import make_transient_to_detached, selectinload
+from sqlalchemy.orm import selectinload
 from sqlmodel import SQLModel, select
 
 from ..exceptions import (
@@ -46,7 +46,12 @@ from ..exceptions import (
 )
 from ..tenancy import current_user_id
 from ._types import utc_now
-from ._validation import validated, validated_changes
+from ._validation import (
+    detached_row,
+    validated,
+    validated_changes,
+    validated_values,
+)
 from .database import Database, get_database
 from .filters import OrderBy, OrderSpec, build_filters, coerce_value, parse_order_by
 from .pagination import (
@@ -326,22 +331,39 @@ class AsyncRepository(Generic[ModelT]):
     async def create_many(
         self, items: Iterable[Mapping[str, Any] | ModelT]
     ) -> builtins.list[ModelT]:
-        """Validate and insert many rows in batched statements; return them.
+        """Validate and insert many rows in one bulk statement; return them.
 
-        The rows are inserted with one executemany (no per-row round trip and
-        no unit-of-work bookkeeping); the returned objects are detached, ready
-        to be added to a session for later changes.
+        PostgreSQL receives the rows through COPY, SQLite through one
+        executemany: no per-row round trip and no unit-of-work bookkeeping.
+        The returned objects are detached, ready to be added to a session for
+        later changes.
         """
-        rows = [validated(self.model, item) for item in items]
+        rows = [validated_values(self.model, item) for item in items]
         if not rows:
             return []
-        columns = self._columns
-        params = [{key: getattr(row, key) for key in columns} for row in rows]
+        table = self.model.__table__
+        columns = [column.key for column in table.columns]
         async with self._use() as session:
-            await session.exec(sa_insert(self.model), params=params)
-        for row in rows:
-            make_transient_to_detached(row)
-        return rows
+            if is_tenant_model(self.model):
+                scope = current_scope()
+                tenant = scope.require(f"inserting into {self.model.__name__}")
+                bind_session(session.sync_session, scope)
+                for row in rows:
+                    if tenant is not None and row["tenant_id"] != tenant:
+                        msg = f"{self.model.__name__} row of another tenant refused"
+                        raise TenantError(msg)
+            connection = await session.connection()
+            if connection.dialect.name == "postgresql":
+                raw = await connection.get_raw_connection()
+                await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+                    table.name,
+                    schema_name=table.schema,
+                    columns=columns,
+                    records=[tuple(row[key] for key in columns) for row in rows],
+                )
+            else:
+                await session.exec(sa_insert(table), params=rows)
+        return [detached_row(self.model, row) for row in rows]
 
     async def update(self, id: Any, data: Mapping[str, Any]) -> ModelT:
         """Apply the changes in `data` to the row with this key; return it.

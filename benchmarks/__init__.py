@@ -1,0 +1,1 @@
+"""Runnable benchmarks; each module prints its own report."""
