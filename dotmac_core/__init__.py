@@ -3,6 +3,19 @@
 Everything public is importable from here: ``from dotmac_core import DBBaseModel``.
 """
 
+from .cache import BoundCachedFunction as BoundCachedFunction
+from .cache import CacheBackend as CacheBackend
+from .cache import CachedFunction as CachedFunction
+from .cache import CacheService as CacheService
+from .cache import CacheUnavailableError as CacheUnavailableError
+from .cache import MemoryBackend as MemoryBackend
+from .cache import RedisBackend as RedisBackend
+from .cache import RedisClusterBackend as RedisClusterBackend
+from .cache import TenantAwareCacheManager as TenantAwareCacheManager
+from .cache import cached as cached
+from .cache import configure_cache as configure_cache
+from .cache import create_cache_service as create_cache_service
+from .cache import get_cache as get_cache
 from .config import CacheConfig as CacheConfig
 from .config import DatabaseConfig as DatabaseConfig
 from .config import SecurityConfig as SecurityConfig
@@ -85,8 +98,13 @@ __all__ = [
     "AuthenticationError",
     "AuthorizationError",
     "BaseModel",
+    "BoundCachedFunction",
     "BusinessRuleError",
+    "CacheBackend",
     "CacheConfig",
+    "CacheService",
+    "CacheUnavailableError",
+    "CachedFunction",
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "CursorPage",
@@ -97,16 +115,20 @@ __all__ = [
     "DatabaseError",
     "DotMacError",
     "IntegrityConstraintError",
+    "MemoryBackend",
     "MissingDependencyError",
     "NotFoundError",
     "OperationTimeoutError",
     "PaginationParams",
     "PaginationResult",
     "RateLimitExceededError",
+    "RedisBackend",
+    "RedisClusterBackend",
     "SecurityConfig",
     "ServiceError",
     "SoftDeleteMixin",
     "TableNamingMixin",
+    "TenantAwareCacheManager",
     "TenantBaseModel",
     "TenantContext",
     "TenantError",
@@ -117,10 +139,14 @@ __all__ = [
     "TransactionManager",
     "UUIDMixin",
     "ValidationError",
+    "cached",
     "close_rate_limiters",
+    "configure_cache",
     "configure_database",
+    "create_cache_service",
     "current_transaction",
     "current_user_id",
+    "get_cache",
     "get_current_tenant",
     "get_database",
     "get_tenant_context",

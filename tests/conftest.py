@@ -24,6 +24,7 @@ from dotmac_core import (
     configure_database,
     tenant_scope,
 )
+from dotmac_core.cache.service import _reset_default_cache
 from dotmac_core.db.database import _reset_default_database
 
 from . import models  # noqa: F401 - registers the test tables on the metadata
@@ -116,10 +117,12 @@ def acme() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_default_database() -> Iterator[None]:
-    """Each test starts and ends without a registered default database."""
+    """Each test starts and ends without a registered default database or cache."""
     _reset_default_database()
+    _reset_default_cache()
     yield
     _reset_default_database()
+    _reset_default_cache()
 
 
 @pytest.fixture

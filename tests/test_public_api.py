@@ -7,8 +7,7 @@ import inspect
 import dotmac_core
 
 #: Public names DESIGN.md fixes for the parts built so far (models, database,
-#: tenancy, config, guards, exceptions, data access, decorators). The cache
-#: names join when the cache lands.
+#: tenancy, config, guards, exceptions, data access, cache, decorators).
 DESIGN_NAMES = {
     "AlreadyExistsError",
     "AuditMixin",
@@ -58,6 +57,13 @@ DESIGN_NAMES = {
     "PaginationResult",
     "TransactionManager",
     "transactional",
+    # cache
+    "CacheService",
+    "TenantAwareCacheManager",
+    "cached",
+    "configure_cache",
+    "create_cache_service",
+    "get_cache",
     # decorators and rate limiting
     "rate_limit",
     "retry_on_failure",
