@@ -210,6 +210,9 @@ class CacheConfig(_Settings):
     """Consecutive failures that open the circuit (calls skip Redis)."""
     circuit_breaker_reset: float = Field(default=5.0, gt=0)
     """Seconds the circuit stays open before one call probes Redis again."""
+    invalidate_after_commit: bool = True
+    """Inside a `TransactionManager`, delete / invalidate after it commits (and
+    not at all if it rolls back), so readers never re-cache the old row."""
 
     def redis_url(self) -> str:
         """Return the Redis URL built from `url` or host/port/db (password kept)."""

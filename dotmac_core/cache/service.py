@@ -16,12 +16,14 @@ call. With `fail_open=False` the same failures raise `CacheUnavailableError`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import SecretStr
 
 from ..config import CacheConfig
+from ..db.transaction import current_transaction
 from ..exceptions import ConfigurationError, ValidationError
 from ._engine import FAILED, Engine, decode
 from ._keys import Keyspace
@@ -273,9 +275,19 @@ class CacheService:
         """Delete `keys` and renew `generations` (both complete keys).
 
         Every invalidation goes through here (`delete`, `delete_many`,
-        `@cached(...).invalidate`, namespace and tenant invalidation), so a
-        policy such as "run after the transaction commits" is one hook here.
+        `@cached(...).invalidate`, namespace and tenant invalidation). Inside
+        a `TransactionManager` it waits for the commit (and is dropped on
+        rollback): invalidating earlier would let a reader re-cache the row
+        the transaction is about to change.
         """
+        tx = current_transaction() if self.config.invalidate_after_commit else None
+        if tx is not None:
+            tx.on_commit(
+                functools.partial(
+                    self._engine.invalidate, tuple(keys), tuple(generations)
+                )
+            )
+            return
         await self._engine.invalidate(keys, generations)
 
     async def delete(self, key: str, *, namespace: str | None = None) -> None:

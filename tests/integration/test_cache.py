@@ -17,7 +17,15 @@ import pytest
 from pydantic import BaseModel, PositiveInt
 from sqlalchemy import inspect as sa_inspect
 
-from dotmac_core import CacheConfig, TenantError, ValidationError, tenant_scope
+from dotmac_core import (
+    AsyncRepository,
+    CacheConfig,
+    Database,
+    TenantError,
+    TransactionManager,
+    ValidationError,
+    tenant_scope,
+)
 from dotmac_core.cache import (
     CacheService,
     TenantAwareCacheManager,
@@ -25,7 +33,7 @@ from dotmac_core.cache import (
     create_cache_service,
 )
 
-from ..models import UserProfile
+from ..models import Member, UserProfile
 
 BACKENDS = [
     pytest.param("memory", id="memory"),
@@ -544,3 +552,70 @@ async def test_tenant_flag_scopes_a_plain_service(cache: CacheService) -> None:
         assert await report() == "for 3"
     with pytest.raises(TenantError):
         await report()
+
+
+class _Members(AsyncRepository[Member]):
+    """Members, for the invalidate-after-commit tests."""
+
+
+@pytest.mark.usefixtures("repo_db")
+async def test_invalidation_waits_for_commit(cache: CacheService) -> None:
+    """A delete inside a transaction happens after the commit, on every backend."""
+    await cache.set("member:1", {"name": "old"})
+    async with TransactionManager():
+        await cache.delete("member:1")
+        await cache.invalidate_namespace("members")
+        # Until the commit, readers still get the value the database still has.
+        assert await cache.get("member:1") == {"name": "old"}
+    assert await cache.get("member:1") is None
+
+
+@pytest.mark.usefixtures("repo_db")
+async def test_invalidation_is_dropped_on_rollback(cache: CacheService) -> None:
+    """A transaction that rolls back leaves the cache as it was."""
+    await cache.set("member:2", {"name": "kept"})
+    with pytest.raises(RuntimeError):
+        async with TransactionManager():
+            await cache.delete_many(["member:2"])
+            raise RuntimeError
+    assert await cache.get("member:2") == {"name": "kept"}
+
+
+@pytest.mark.usefixtures("repo_db")
+async def test_update_then_invalidate_never_serves_the_old_row(
+    cache: CacheService,
+) -> None:
+    """The handbook pattern: update, delete the key; readers see the new row."""
+    reads = 0
+
+    @cached(ttl=60, key="member:{member_id}", cache=cache)
+    async def get_member(member_id: str) -> Member | None:
+        nonlocal reads
+        reads += 1
+        return await _Members().get_by_id(member_id)
+
+    with tenant_scope("acme"):
+        member = await _Members().create({"email": "c@x", "name": "Old"})
+        assert (await get_member(str(member.id))).name == "Old"  # type: ignore[union-attr]
+        async with TransactionManager():
+            await _Members().update(member.id, {"name": "New"})
+            await cache.delete(f"member:{member.id}")
+            # A reader during the transaction re-caches the committed old row...
+            assert (await get_member(str(member.id))).name == "Old"  # type: ignore[union-attr]
+        # ...which the delete after commit removes again.
+        fresh = await get_member(str(member.id))
+        assert fresh is not None
+        assert fresh.name == "New"
+
+
+async def test_invalidation_after_commit_can_be_switched_off() -> None:
+    """With `invalidate_after_commit=False` a delete in a transaction is immediate."""
+    config = CacheConfig(backend="memory", invalidate_after_commit=False)
+    service = create_cache_service(config=config)
+    db = Database("sqlite+aiosqlite://")
+    await service.set("k", 1)
+    async with TransactionManager(db):
+        await service.delete("k")
+        assert await service.get("k") is None
+    await db.dispose()
+    await service.aclose()
