@@ -24,7 +24,10 @@ from dotmac_core import (
     TenantBaseModel,
     TenantError,
     TransactionManager,
+    cached,
+    configure_cache,
     configure_database,
+    create_cache_service,
     get_tenant_context,
     require_current_tenant,
     tenant_scope,
@@ -166,6 +169,32 @@ async def show_transfer() -> None:
     print(f"  balances after one transfer of 250: {balances}")
 
 
+async def show_cache() -> None:
+    """Cache a customer lookup per tenant; the second call is a hit."""
+    print("== cache")
+    cache = configure_cache(create_cache_service(config=CacheConfig()))
+    lookups = 0
+
+    @cached(ttl=60, key="customer:{name}", tenant=True)  # keys kept per tenant
+    async def customer_by_name(name: str) -> CustomerAccount | None:
+        nonlocal lookups
+        lookups += 1
+        return await CustomerRepository().get_by_field("name", name)
+
+    with tenant_scope("acme"):
+        await customer_by_name("acme customer 03")
+        hit = await customer_by_name("acme customer 03")
+    assert hit is not None
+    print(
+        f"  {cache.backend_name} cache: two calls, {lookups} database lookup; "
+        f"the hit came back as {type(hit).__name__} {hit.name!r}"
+    )
+    with tenant_scope("globex"):
+        other = await customer_by_name("acme customer 03")
+    print(f"  same key for globex: its own lookup ({lookups} in all), found {other}")
+    await cache.aclose()
+
+
 async def _tenant_in_child_task() -> str | None:
     context = get_tenant_context()
     return None if context is None else context.tenant_id
@@ -186,6 +215,7 @@ async def main() -> None:
             await show_tenancy(db)
             await show_repositories()
             await show_transfer()
+            await show_cache()
             await db.drop_all()
     print("== done")
 
