@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import json
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pydantic
 from pydantic import AliasChoices, Field
@@ -46,8 +46,6 @@ class PaginationParams(pydantic.BaseModel):
     """Which page to read: `page` (from 1) and `size` (1..100, alias `per_page`)."""
 
     model_config = pydantic.ConfigDict(frozen=True, populate_by_name=True)
-
-    max_size: ClassVar[int] = MAX_PAGE_SIZE
 
     page: int = Field(default=1, ge=1, description="Page number, from 1.")
     size: int = Field(
