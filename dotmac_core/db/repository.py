@@ -195,11 +195,15 @@ class AsyncRepository(Generic[ModelT]):
 
         Raises:
             NotFoundError: no row matched.
+            ValidationError: more than one row matched (the filters are not unique).
         """
-        rows = await self.list(filters, limit=1)
+        rows = await self.list(filters, limit=2)
         if not rows:
             msg = f"no {self.model.__name__} matches {sorted(filters)}"
             raise NotFoundError(msg, model=self.model.__name__, criteria=filters)
+        if len(rows) > 1:
+            msg = f"more than one {self.model.__name__} matches {sorted(filters)}"
+            raise ValidationError(msg, field=",".join(sorted(filters)) or "filters")
         return rows[0]
 
     def _select(

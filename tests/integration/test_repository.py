@@ -119,6 +119,8 @@ async def test_list_filters_order_limit_offset() -> None:
     page = await repo.list(order_by="label", limit=2, offset=1)
     assert [t.label for t in page] == ["b", "c"]
     assert await repo.count({"label__in": ["a", "b", "zz"]}) == 2
+    with pytest.raises(ValidationError, match="more than one"):
+        await repo.get_one(weight=2)
     with pytest.raises(ValidationError):
         await repo.list(limit=-1)
 
