@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
 from uuid import uuid4
 
+import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -17,6 +19,7 @@ from .models import DBBaseModel
 from .session import AsyncSession
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from types import TracebackType
 
     from sqlalchemy import Connection, MetaData
@@ -75,9 +78,35 @@ class Database:
         self.session_factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, class_=AsyncSession, expire_on_commit=False
         )
+        # One-statement reads need no transaction: on PostgreSQL they run in
+        # autocommit, one round trip instead of BEGIN + statement + ROLLBACK.
+        # (Not on SQLite: leaving autocommit resets the driver's transaction
+        # handling that the savepoint workaround turned off.)
+        reads = self.engine
+        if self.dialect == "postgresql":
+            reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._read_factory = async_sessionmaker(
+            reads, class_=AsyncSession, expire_on_commit=False
+        )
 
     def __repr__(self) -> str:
         return f"Database({self.url!r})"  # URL's repr masks the password
+
+    @asynccontextmanager
+    async def read_session(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads outside any transaction, closed on exit.
+
+        On PostgreSQL it runs in autocommit (each statement its own snapshot,
+        as READ COMMITTED gives anyway); on SQLite in a plain deferred
+        transaction that is rolled back on exit. Do not write through it.
+        """
+        session = self._read_factory()
+        try:
+            yield session
+        finally:
+            # Shielded: a cancelled reader must still give the connection back.
+            with anyio.CancelScope(shield=True):
+                await session.close()
 
     def session(self) -> AsyncSession:
         """Return a new `AsyncSession` (close it, or use it with `async with`)."""

@@ -144,7 +144,11 @@ class AsyncRepository(Generic[ModelT]):
                 yield tx.session
                 return
             db = self._db or get_database()
-            async with TransactionManager(db, read_only=read_only) as tx:
+            if read_only:
+                async with db.read_session() as session:
+                    yield session
+                return
+            async with TransactionManager(db) as tx:
                 yield tx.session
 
     def _options(

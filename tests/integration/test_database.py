@@ -168,3 +168,25 @@ async def test_database_from_url_object_and_options(sqlite_path: Path) -> None:
     async with Database(make_url(f"sqlite+aiosqlite:///{sqlite_path}")) as db:
         await db.ping()
         assert db.url.database == str(sqlite_path)
+
+
+async def test_reads_outside_transactions(db: Database) -> None:
+    """Reads run in autocommit on PostgreSQL; pooled connections stay transactional."""
+    async with db.read_session() as session:
+        conn = await session.connection()
+        level = conn.sync_connection.get_execution_options().get("isolation_level")  # type: ignore[union-attr]
+    assert level == ("AUTOCOMMIT" if db.dialect == "postgresql" else None)
+    # The same pooled connection afterwards still rolls a transaction back.
+    with tenant_scope("acme"), pytest.raises(RuntimeError):
+        async with db.session() as session, session.begin():
+            session.add(Invoice(number=f"AC-{db.dialect}"))
+            await session.flush()
+            raise RuntimeError
+    with tenant_scope("acme"):
+        async with db.read_session() as session:
+            rows = (
+                await session.exec(
+                    select(Invoice).where(Invoice.number == f"AC-{db.dialect}")
+                )
+            ).all()
+    assert rows == []
