@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import SecretStr
 
+from .._registry import Default
 from ..config import CacheConfig
 from ..db.transaction import current_transaction
 from ..exceptions import ConfigurationError, ValidationError
@@ -461,7 +462,7 @@ def create_cache_service(
     return CacheService(factory(config, url), config)
 
 
-_default: CacheService | None = None
+_default: Default[CacheService] = Default("cache", "configure_cache")
 
 
 def configure_cache(
@@ -476,15 +477,12 @@ def configure_cache(
         The registered service, used by `@cached` and `TenantAwareCacheManager`
         wherever no cache is given.
     """
-    global _default
     if isinstance(cache, CacheService):
         if backend is not None or url is not None:
             msg = "backend and url apply only when configure_cache builds the service"
             raise ConfigurationError(msg)
-        _default = cache
-    else:
-        _default = create_cache_service(backend, url=url, config=cache)
-    return _default
+        return _default.set(cache)
+    return _default.set(create_cache_service(backend, url=url, config=cache))
 
 
 def get_cache() -> CacheService:
@@ -493,13 +491,7 @@ def get_cache() -> CacheService:
     Raises:
         ConfigurationError: `configure_cache()` has not been called.
     """
-    if _default is None:
-        msg = "no default cache: call configure_cache() at startup"
-        raise ConfigurationError(msg)
-    return _default
+    return _default.get()
 
 
-def _reset_default_cache() -> None:
-    """Forget the default cache (for tests)."""
-    global _default
-    _default = None
+_reset_default_cache = _default.reset

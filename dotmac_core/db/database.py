@@ -12,6 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from .._registry import Default
 from ..config import DatabaseConfig
 from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
@@ -242,7 +243,7 @@ def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
             conn.exec_driver_sql("PRAGMA query_only=OFF")
 
 
-_default: Database | None = None
+_default: Default[Database] = Default("database", "configure_database")
 
 
 def configure_database(
@@ -254,17 +255,14 @@ def configure_database(
     Returns:
         The registered database, used wherever no database is passed.
     """
-    global _default
     if isinstance(database, Database):
         if engine_options:
             msg = (
                 "engine options apply only when configure_database builds the database"
             )
             raise ConfigurationError(msg)
-        _default = database
-    else:
-        _default = Database(database, **engine_options)
-    return _default
+        return _default.set(database)
+    return _default.set(Database(database, **engine_options))
 
 
 def get_database() -> Database:
@@ -273,13 +271,7 @@ def get_database() -> Database:
     Raises:
         ConfigurationError: `configure_database()` has not been called.
     """
-    if _default is None:
-        msg = "no default database: call configure_database() at startup"
-        raise ConfigurationError(msg)
-    return _default
+    return _default.get()
 
 
-def _reset_default_database() -> None:
-    """Forget the default database (for tests)."""
-    global _default
-    _default = None
+_reset_default_database = _default.reset
