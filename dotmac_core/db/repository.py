@@ -66,6 +66,7 @@ from .pagination import (
 )
 from .scoping import (
     INCLUDE_DELETED,
+    MODELS,
     ONLY_DELETED,
     SCOPED,
     bind_session,
@@ -96,6 +97,8 @@ class AsyncRepository(Generic[ModelT]):
     """
 
     model: ClassVar[type[Any]]
+    _pk: ClassVar[Any]
+    _columns: ClassVar[frozenset[str]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -104,10 +107,14 @@ class AsyncRepository(Generic[ModelT]):
             if isinstance(origin, type) and issubclass(origin, AsyncRepository):
                 (arg,) = get_args(base)
                 if isinstance(arg, type) and issubclass(arg, SQLModel):
-                    if inspect(arg, raiseerr=False) is None:
+                    mapper = inspect(arg, raiseerr=False)
+                    if mapper is None:
                         msg = f"{arg.__name__} is not a table model (table=True)"
                         raise TypeError(msg)
+                    # Worked out once per class: repositories are made per call.
                     cls.model = arg
+                    (cls._pk,) = mapper.primary_key
+                    cls._columns = frozenset(mapper.columns.keys())
 
     def __init__(
         self,
@@ -125,9 +132,6 @@ class AsyncRepository(Generic[ModelT]):
         self._session = session
         self._db = db
         self._security = security
-        mapper = inspect(self.model)
-        (self._pk,) = mapper.primary_key
-        self._columns = frozenset(mapper.columns.keys())
 
     # --- sessions ------------------------------------------------------------
 
@@ -157,7 +161,11 @@ class AsyncRepository(Generic[ModelT]):
         if only_deleted and not has_soft_delete(self.model):
             msg = f"{self.model.__name__} has no soft delete: only_deleted is invalid"
             raise ValidationError(msg, field="only_deleted")
-        return {INCLUDE_DELETED: include_deleted, ONLY_DELETED: only_deleted}
+        return {
+            INCLUDE_DELETED: include_deleted,
+            ONLY_DELETED: only_deleted,
+            MODELS: (self.model,),
+        }
 
     def _load(self, load: Iterable[str]) -> list[Any]:
         relationships = inspect(self.model).relationships

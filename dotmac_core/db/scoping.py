@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INCLUDE_DELETED",
+    "MODELS",
     "ONLY_DELETED",
     "SCOPED",
     "Scope",
@@ -56,6 +57,8 @@ SCOPED = "dotmac_scoped"
 INCLUDE_DELETED = "dotmac_include_deleted"
 #: Execution option: return only soft-deleted rows.
 ONLY_DELETED = "dotmac_only_deleted"
+#: Execution option: the mapped classes the statement touches (saves a walk).
+MODELS = "dotmac_models"
 
 _BINDING = "dotmac_tenant_binding"
 
@@ -214,6 +217,9 @@ def _models_in(state: ORMExecuteState) -> list[type[Any]]:
     would leave those reads unscoped; walking the statement finds them.
     """
     models = {mapper.class_ for mapper in state.all_mappers}
+    declared = state.execution_options.get(MODELS)
+    if declared is not None and not state.is_relationship_load:
+        return list(models.union(declared))
     for element in visitors.iterate(cast("Any", state.statement)):
         if isinstance(element, Table):
             models.update(_table_models(element))
