@@ -42,6 +42,14 @@ def test_docs_build_strictly(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_benchmarks_quick_run(tmp_path: Path) -> None:
+    """`python -m benchmarks --quick` runs on the embedded default and reports."""
+    result = _tool("benchmarks", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "get by primary key" in result.stdout
+    assert (tmp_path / "benchmarks.json").exists()
+
+
 def test_mypy_strict() -> None:
     """`mypy --strict` passes on the package and the typing checks."""
     result = _tool("mypy", "--strict", "dotmac_core", "tests/typing")
