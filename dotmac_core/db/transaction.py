@@ -323,7 +323,9 @@ def transactional(
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            if current_transaction() is not None:
+            outer = current_transaction()
+            if outer is not None and outer._task is asyncio.current_task():
+                # Joins as a savepoint: only a whole transaction can be rerun.
                 async with TransactionManager(db):
                     return await func(*args, **kwargs)
             attempt = 0
