@@ -142,10 +142,9 @@ class AsyncRepository(Generic[ModelT]):
             if self._session is not None:
                 yield self._session
                 return
-            if current_transaction() is not None:
-                tx = current_transaction()
-                assert tx is not None  # noqa: S101 - narrowed above
-                yield tx.session
+            ambient = current_transaction()
+            if ambient is not None:
+                yield ambient.session
                 return
             db = self._db or get_database()
             if read_only:
