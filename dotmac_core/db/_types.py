@@ -76,11 +76,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return as_utc.replace(tzinfo=None) if dialect.name == "sqlite" else as_utc
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, datetime):  # pragma: no cover - drivers give datetimes
-            msg = f"expected a datetime from the driver, got {type(value).__name__}"
-            raise TypeError(msg)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A datetime read from the database, as an aware UTC datetime."""
+    if value.tzinfo is UTC:
+        return value  # asyncpg's timestamptz values already are
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

@@ -13,13 +13,15 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 from sqlalchemy import ColumnElement, inspect
-from sqlalchemy.orm import InstrumentedAttribute
 
 from ..exceptions import ValidationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import InstrumentedAttribute
 
 __all__ = ["FILTER_OPERATORS", "OrderSpec", "build_filters", "parse_order_by"]
 
@@ -121,19 +123,53 @@ def _many(model: type[Any], name: str, value: Any) -> list[Any]:
     return [coerce_value(model, name, item) for item in values]
 
 
-Builder = Callable[[InstrumentedAttribute[Any], Any], ColumnElement[bool]]
+Builder = Callable[[Any, Any], ColumnElement[bool]]
 
 _COMPARISONS: dict[str, Builder] = {
-    "eq": lambda col, v: col.is_(None) if v is None else col == v,
-    "ne": lambda col, v: col.is_not(None) if v is None else col != v,
+    "eq": lambda col, v: col == v,
+    "ne": lambda col, v: col != v,
     "lt": lambda col, v: col < v,
     "lte": lambda col, v: col <= v,
     "gt": lambda col, v: col > v,
     "gte": lambda col, v: col >= v,
+    "like": lambda col, v: col.like(v),
+    "ilike": lambda col, v: col.ilike(v),
+    "in": lambda col, v: col.in_(v),
+    "not_in": lambda col, v: col.not_in(v),
 }
 
 
-def _criterion(model: type[Any], key: object, value: Any) -> ColumnElement[bool]:
+@dataclass(frozen=True, slots=True)
+class Term:
+    """One checked filter: a column name, an operator and its validated value.
+
+    `is_null` and comparisons with `None` carry no value into the SQL; every
+    other term compares with a bound parameter.
+    """
+
+    name: str
+    op: str
+    value: Any
+
+    @property
+    def bound(self) -> bool:
+        """Whether the SQL of this term takes a parameter."""
+        return self.op != "is_null" and self.value is not None
+
+    def clause(self, column: Any, value: Any = None) -> ColumnElement[bool]:
+        """This term on `column`, comparing with `value` (default: its own value)."""
+        if self.op == "is_null":
+            null: ColumnElement[bool] = (
+                column.is_(None) if self.value else column.is_not(None)
+            )
+            return null
+        if self.value is None:
+            null = column.is_(None) if self.op == "eq" else column.is_not(None)
+            return null
+        return _COMPARISONS[self.op](column, self.value if value is None else value)
+
+
+def _term(model: type[Any], key: object, value: Any) -> Term:
     if not isinstance(key, str):
         msg = f"filter keys must be str, got {type(key).__name__}"
         raise ValidationError(msg, field=str(key)[:64])
@@ -144,22 +180,34 @@ def _criterion(model: type[Any], key: object, value: Any) -> ColumnElement[bool]
             f"unknown filter operator {op!r} in {key!r}; use one of {FILTER_OPERATORS}"
         )
         raise ValidationError(msg, field=key[:64])
-    column = _attribute(model, name, what="filter")
+    _attribute(model, name, what="filter")
     if op == "is_null":
         if not isinstance(value, bool):
             msg = f"{key!r} needs true or false"
             raise ValidationError(msg, field=name)
-        return column.is_(None) if value else column.is_not(None)
+        return Term(name, op, value)
     if op in ("in", "not_in"):
-        values = _many(model, name, value)
-        return column.in_(values) if op == "in" else column.not_in(values)
+        return Term(name, op, _many(model, name, value))
     if op in ("like", "ilike"):
-        pattern = _like_value(name, value)
-        return column.like(pattern) if op == "like" else column.ilike(pattern)
+        return Term(name, op, _like_value(name, value))
     if value is None and op not in ("eq", "ne"):
         msg = f"{key!r} cannot compare with null; use {name}__is_null"
         raise ValidationError(msg, field=name)
-    return _COMPARISONS[op](column, coerce_value(model, name, value))
+    return Term(name, op, coerce_value(model, name, value))
+
+
+def parse_filters(model: type[Any], filters: Mapping[str, Any] | object) -> list[Term]:
+    """Check `{"field__op": value}` against `model` and return its terms.
+
+    Raises:
+        ValidationError: an unknown field or operator, or a value of the wrong type.
+    """
+    if not filters:
+        return []
+    if not isinstance(filters, Mapping):
+        msg = f"filters must be a mapping, got {type(filters).__name__}"
+        raise ValidationError(msg, field="filters")
+    return [_term(model, key, value) for key, value in filters.items()]
 
 
 def build_filters(
@@ -170,12 +218,9 @@ def build_filters(
     Raises:
         ValidationError: an unknown field or operator, or a value of the wrong type.
     """
-    if not filters:
-        return []
-    if not isinstance(filters, Mapping):
-        msg = f"filters must be a mapping, got {type(filters).__name__}"
-        raise ValidationError(msg, field="filters")
-    return [_criterion(model, key, value) for key, value in filters.items()]
+    return [
+        term.clause(getattr(model, term.name)) for term in parse_filters(model, filters)
+    ]
 
 
 OrderBy = str | Iterable[str] | None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -29,7 +30,17 @@ from typing import (
 )
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import ColumnElement, and_, false, func, inspect, or_, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    and_,
+    bindparam,
+    false,
+    func,
+    inspect,
+    or_,
+    tuple_,
+)
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import update as sa_update
@@ -53,7 +64,15 @@ from ._validation import (
     validated_values,
 )
 from .database import Database, get_database
-from .filters import OrderBy, OrderSpec, build_filters, coerce_value, parse_order_by
+from .filters import (
+    OrderBy,
+    OrderSpec,
+    Term,
+    build_filters,
+    coerce_value,
+    parse_filters,
+    parse_order_by,
+)
 from .pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -69,6 +88,7 @@ from .scoping import (
     MODELS,
     ONLY_DELETED,
     SCOPED,
+    Scope,
     bind_session,
     current_scope,
     has_soft_delete,
@@ -77,14 +97,59 @@ from .scoping import (
 from .transaction import TransactionManager, current_transaction
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+    from collections.abc import (
+        AsyncIterator,
+        Callable,
+        Hashable,
+        Iterable,
+        Mapping,
+        Sequence,
+    )
+
+    from sqlalchemy.sql import ClauseElement
 
     from ..config import SecurityConfig
+    from ._fast import ModelPlan
     from .session import AsyncSession
 
 __all__ = ["AsyncRepository"]
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
+
+_INT = Integer()
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """The shape of a driver-path WHERE clause; its values travel separately.
+
+    `terms` holds `(name, op, flag)` per filter: `flag` is `True` for a bound
+    value, `None` for a comparison with null, the boolean of `is_null`.
+    """
+
+    terms: tuple[tuple[str, str, Any], ...]
+    tenant: bool
+    deleted: str | None  # "live", "any", "only", or None without soft delete
+
+    def clauses(self, plan: ModelPlan) -> builtins.list[ColumnElement[bool]]:
+        """The criteria, with the parameter names `AsyncRepository._where` fills."""
+        column = plan.column
+        clauses: builtins.list[ColumnElement[bool]] = []
+        for i, (name, op, flag) in enumerate(self.terms):
+            col = column[name]
+            if op == "is_null" or flag is None:
+                clauses.append(Term(name, op, flag).clause(col))
+            else:
+                bound = bindparam(f"dotmac_f{i}", type_=col.type)
+                clauses.append(Term(name, op, flag).clause(col, bound))
+        if self.tenant:
+            tenant = column["tenant_id"]
+            clauses.append(tenant == bindparam("dotmac_tenant", type_=tenant.type))
+        if self.deleted == "live":
+            clauses.append(column["deleted_at"].is_(None))
+        elif self.deleted == "only":
+            clauses.append(column["deleted_at"].is_not(None))
+        return clauses
 
 
 class AsyncRepository(Generic[ModelT]):
@@ -179,20 +244,134 @@ class AsyncRepository(Generic[ModelT]):
     def _id(self, value: Any) -> Any:
         return coerce_value(self.model, self._pk.key, value)
 
+    # --- the driver path (see _fast.py) --------------------------------------
+
+    def _plan(self) -> ModelPlan | None:
+        """The driver path's plan, when this call may take it.
+
+        It may outside any transaction (no session given, none ambient) on
+        PostgreSQL: one statement in autocommit is then the whole call.
+        """
+        if self._session is not None or current_transaction() is not None:
+            return None
+        driver = (self._db or get_database()).driver
+        return None if driver is None else driver.plan(self.model)
+
+    def _where(
+        self,
+        filters: Mapping[str, Any] | None,
+        values: dict[str, Any],
+        *,
+        include_deleted: bool = False,
+        only_deleted: bool = False,
+    ) -> _Where | None:
+        """Check `filters` and the scope into a `_Where`, filling `values`.
+
+        `None` when a filter needs per-call SQL (`in` / `not_in` lists).
+        """
+        self._options(include_deleted=include_deleted, only_deleted=only_deleted)
+        shape = []
+        for i, term in enumerate(parse_filters(self.model, filters)):
+            if term.op in ("in", "not_in"):
+                return None
+            if term.op == "is_null" or term.value is None:
+                shape.append((term.name, term.op, term.value))
+            else:
+                values[f"dotmac_f{i}"] = term.value
+                shape.append((term.name, term.op, True))
+        tenant = False
+        if is_tenant_model(self.model):
+            scoped = current_scope().require(f"querying {self.model.__name__}")
+            if scoped is not None:
+                values["dotmac_tenant"] = scoped
+                tenant = True
+        deleted = None
+        if has_soft_delete(self.model):
+            deleted = "only" if only_deleted else "any" if include_deleted else "live"
+        return _Where(tuple(shape), tenant, deleted)
+
+    async def _records(
+        self,
+        plan: ModelPlan,
+        key: Hashable,
+        build: Callable[[], ClauseElement],
+        values: Mapping[str, Any],
+        *,
+        names: Sequence[str] | None = None,
+        rows: bool = True,
+        retry: bool = True,
+    ) -> builtins.list[Any] | None:
+        """Run the statement `key` on the driver; `None` if it cannot run there."""
+        compiled = plan.statement(key, build, names)
+        if compiled is None:
+            return None
+        with translate_errors():
+            return await plan.driver.run(compiled, values, rows=rows, retry=retry)
+
+    def _select_rows(
+        self,
+        plan: ModelPlan,
+        where: _Where,
+        order: Sequence[OrderSpec] = (),
+        *,
+        extra: Sequence[Any] = (),
+        after: bool = False,
+        limit: bool = False,
+        offset: bool = False,
+    ) -> ClauseElement:
+        """SELECT of whole rows for the driver path (parameters named as `_where`)."""
+        clauses = where.clauses(plan)
+        columns = [*plan.selected]
+        if extra:
+            count = select(func.count()).select_from(plan.table).where(*clauses)
+            columns.append(count.scalar_subquery().label("dotmac_total"))
+        statement = select(*columns).where(*clauses)
+        if after:
+            bound = [
+                bindparam(f"dotmac_k{i}", type_=plan.column[spec.name].type)
+                for i, spec in enumerate(order)
+            ]
+            statement = statement.where(self._after(order, bound, plan.column))
+        statement = statement.order_by(*self._order_clauses(order, plan.column))
+        if limit:
+            statement = statement.limit(bindparam("dotmac_limit", type_=_INT))
+        if offset:
+            statement = statement.offset(bindparam("dotmac_offset", type_=_INT))
+        built: ClauseElement = statement
+        return built
+
     # --- reads ---------------------------------------------------------------
 
     async def get_by_id(
         self, id: Any, *, load: Iterable[str] = (), include_deleted: bool = False
     ) -> ModelT | None:
         """Return the row with this primary key, or `None`."""
+        key = self._id(id)
+        plan = None if load else self._plan()
+        if plan is not None:
+            values: dict[str, Any] = {"dotmac_key": key}
+            where = self._where(None, values, include_deleted=include_deleted)
+            assert where is not None  # noqa: S101 - no filters, no lists
+            records = await self._records(
+                plan, ("get", where), lambda: self._get_statement(plan, where), values
+            )
+            if records is not None:
+                return plan.row(records[0]) if records else None
         statement = (
             select(self.model)
-            .where(self._pk == self._id(id))
+            .where(self._pk == key)
             .options(*self._load(load))
             .execution_options(**self._options(include_deleted=include_deleted))
         )
         async with self._use(read_only=True) as session:
             return (await session.exec(statement)).first()
+
+    def _get_statement(self, plan: ModelPlan, where: _Where) -> ClauseElement:
+        pk = plan.column[self._pk.key]
+        statement: ClauseElement = select(*plan.selected).where(
+            pk == bindparam("dotmac_key", type_=pk.type), *where.clauses(plan)
+        )
+        return statement
 
     async def get_by_field(
         self, name: str, value: Any, *, load: Iterable[str] = ()
@@ -231,10 +410,16 @@ class AsyncRepository(Generic[ModelT]):
             **self._options(include_deleted=include_deleted, only_deleted=only_deleted)
         )
 
-    def _order_clauses(self, order: Sequence[OrderSpec]) -> list[Any]:
+    def _order_clauses(
+        self, order: Sequence[OrderSpec], columns: Mapping[str, Any] | None = None
+    ) -> builtins.list[Any]:
         clauses = []
         for spec in order:
-            column = getattr(self.model, spec.name)
+            column = (
+                getattr(self.model, spec.name)
+                if columns is None
+                else columns[spec.name]
+            )
             clauses.append(column.desc() if spec.descending else column.asc())
         return clauses
 
@@ -262,6 +447,31 @@ class AsyncRepository(Generic[ModelT]):
             if value is not None and (not isinstance(value, int) or value < 0):
                 msg = f"{name} must be an int >= 0, got {value!r}"
                 raise ValidationError(msg, field=name)
+        plan = None if load else self._plan()
+        if plan is not None:
+            values: dict[str, Any] = {}
+            where = self._where(
+                filters,
+                values,
+                include_deleted=include_deleted,
+                only_deleted=only_deleted,
+            )
+            if where is not None:
+                order = tuple(self._total_order(order_by))
+                if limit is not None:
+                    values["dotmac_limit"] = limit
+                if offset:
+                    values["dotmac_offset"] = offset
+                records = await self._records(
+                    plan,
+                    ("list", where, order, limit is not None, bool(offset)),
+                    lambda: self._select_rows(
+                        plan, where, order, limit=limit is not None, offset=bool(offset)
+                    ),
+                    values,
+                )
+                if records is not None:
+                    return [plan.row(record) for record in records]
         statement = self._select(
             filters,
             self._total_order(order_by),
@@ -283,6 +493,19 @@ class AsyncRepository(Generic[ModelT]):
         only_deleted: bool = False,
     ) -> int:
         """Return how many rows match `filters`."""
+        plan = self._plan()
+        if plan is not None:
+            values: dict[str, Any] = {}
+            where = self._where(
+                filters,
+                values,
+                include_deleted=include_deleted,
+                only_deleted=only_deleted,
+            )
+            if where is not None:
+                total = await self._driver_count(plan, where, values)
+                if total is not None:
+                    return total
         async with self._use(read_only=True) as session:
             return await self._count(
                 session,
@@ -290,6 +513,19 @@ class AsyncRepository(Generic[ModelT]):
                 include_deleted=include_deleted,
                 only_deleted=only_deleted,
             )
+
+    async def _driver_count(
+        self, plan: ModelPlan, where: _Where, values: Mapping[str, Any]
+    ) -> int | None:
+        records = await self._records(
+            plan,
+            ("count", where),
+            lambda: (
+                select(func.count()).select_from(plan.table).where(*where.clauses(plan))
+            ),
+            values,
+        )
+        return None if records is None else int(records[0][0])
 
     async def _count(
         self,
@@ -337,11 +573,47 @@ class AsyncRepository(Generic[ModelT]):
             AlreadyExistsError: a unique key is taken.
             TenantError: the row belongs to another tenant, or none is set.
         """
+        plan = None if isinstance(data, self.model) else self._plan()
+        if plan is not None and plan.plain_insert:
+            values = validated_values(self.model, data)
+            self._check_tenant((values,))
+            params = {f"dotmac_v_{key}": value for key, value in values.items()}
+            done = await self._records(
+                plan,
+                ("insert",),
+                lambda: sa_insert(plan.table).values(
+                    {
+                        plan.column[key]: bindparam(
+                            f"dotmac_v_{key}", type_=plan.column[key].type
+                        )
+                        for key in plan.keys
+                    }
+                ),
+                params,
+                names=tuple(params),
+                rows=False,
+                retry=False,
+            )
+            if done is not None:
+                created: ModelT = plan.detached(values)
+                return created
         row: ModelT = validated(self.model, data)
         async with self._use() as session:
             session.add(row)
             await session.flush()
         return row
+
+    def _check_tenant(self, rows: Iterable[Mapping[str, Any]]) -> Scope | None:
+        """Refuse new rows of another tenant; return the scope (tenant models)."""
+        if not is_tenant_model(self.model):
+            return None
+        scope = current_scope()
+        tenant = scope.require(f"inserting into {self.model.__name__}")
+        for row in rows:
+            if tenant is not None and row["tenant_id"] != tenant:
+                msg = f"{self.model.__name__} row of another tenant refused"
+                raise TenantError(msg)
+        return scope
 
     async def create_many(
         self, items: Iterable[Mapping[str, Any] | ModelT]
@@ -359,14 +631,9 @@ class AsyncRepository(Generic[ModelT]):
         table = self.model.__table__
         columns = [column.key for column in table.columns]
         async with self._use() as session:
-            if is_tenant_model(self.model):
-                scope = current_scope()
-                tenant = scope.require(f"inserting into {self.model.__name__}")
+            scope = self._check_tenant(rows)
+            if scope is not None:
                 bind_session(session.sync_session, scope)
-                for row in rows:
-                    if tenant is not None and row["tenant_id"] != tenant:
-                        msg = f"{self.model.__name__} row of another tenant refused"
-                        raise TenantError(msg)
             connection = await session.connection()
             if connection.dialect.name == "postgresql":
                 raw = await connection.get_raw_connection()
@@ -388,6 +655,33 @@ class AsyncRepository(Generic[ModelT]):
             ValidationError: a field is unknown, protected or invalid.
         """
         changes = validated_changes(self.model, data)
+        plan = self._plan() if changes else None
+        if plan is not None and plan.on_update is not None:
+            values: dict[str, Any] = {"dotmac_key": self._id(id)}
+            where = self._where(None, values)
+            assert where is not None  # noqa: S101 - no filters, no lists
+            sets = dict(changes)
+            for name, make in plan.on_update.items():
+                sets.setdefault(name, make())
+            user = current_user_id()
+            if user is not None and "updated_by" in self._columns:
+                sets["updated_by"] = user
+            for name, value in sets.items():
+                values[f"dotmac_s_{name}"] = value
+            names = tuple(sets)
+            records = await self._records(
+                plan,
+                ("update", where, names),
+                lambda: self._update_statement(plan, where, names),
+                values,
+                names=tuple(values),
+                retry=False,
+            )
+            if records is not None:
+                if not records:
+                    raise self._not_found(id)
+                updated: ModelT = plan.row(records[0])
+                return updated
         async with self._use() as session:
             row = (
                 await session.exec(
@@ -401,8 +695,26 @@ class AsyncRepository(Generic[ModelT]):
             for name, value in changes.items():
                 setattr(row, name, value)
             await session.flush()
-            updated: ModelT = row
-            return updated
+            changed: ModelT = row
+            return changed
+
+    def _update_statement(
+        self, plan: ModelPlan, where: _Where, names: Sequence[str]
+    ) -> ClauseElement:
+        pk = plan.column[self._pk.key]
+        sets = {
+            plan.column[name]: bindparam(
+                f"dotmac_s_{name}", type_=plan.column[name].type
+            )
+            for name in names
+        }
+        statement: ClauseElement = (
+            sa_update(plan.table)
+            .where(pk == bindparam("dotmac_key", type_=pk.type), *where.clauses(plan))
+            .values(sets)
+            .returning(*plan.selected)
+        )
+        return statement
 
     async def update_many(
         self, filters: Mapping[str, Any] | None, data: Mapping[str, Any]
@@ -606,13 +918,52 @@ class AsyncRepository(Generic[ModelT]):
         if per_page is not None:
             size = per_page
         check_page(page, size, MAX_PAGE_SIZE)
+        offset = (page - 1) * size
+        plan = self._plan()
+        if plan is not None:
+            values: dict[str, Any] = {"dotmac_limit": size + 1, "dotmac_offset": offset}
+            where = self._where(filters, values, include_deleted=include_deleted)
+            if where is not None:
+                order = tuple(self._total_order(order_by))
+                # The total rides in the same statement, as a scalar subquery
+                # PostgreSQL evaluates once: one round trip for page and count.
+                records = await self._records(
+                    plan,
+                    ("page", where, order, with_total),
+                    lambda: self._select_rows(
+                        plan,
+                        where,
+                        order,
+                        extra=("total",) if with_total else (),
+                        limit=True,
+                        offset=True,
+                    ),
+                    values,
+                )
+                if records is not None:
+                    total = None
+                    if with_total:
+                        if records:
+                            total = int(records[0][-1])
+                        elif offset == 0:
+                            total = 0
+                        else:  # past the end: no row carried the total
+                            total = await self._driver_count(plan, where, values)
+                    rows = [plan.row(record) for record in records]
+                    return PaginationResult[ModelT].build(
+                        rows[:size],
+                        page=page,
+                        size=size,
+                        total=total,
+                        more=len(rows) > size,
+                    )
         statement = self._select(
             filters,
             self._total_order(order_by),
             include_deleted=include_deleted,
             only_deleted=False,
         )
-        statement = statement.offset((page - 1) * size).limit(size + 1)
+        statement = statement.offset(offset).limit(size + 1)
         async with self._use(read_only=True) as session:
             rows = builtins.list((await session.exec(statement)).all())
             total = None
@@ -669,21 +1020,17 @@ class AsyncRepository(Generic[ModelT]):
                 msg = f"keyset order needs NOT NULL columns; {spec.name!r} is nullable"
                 raise ValidationError(msg, field="order_by")
         binding = f"{table.name}|{','.join(str(spec) for spec in order)}"
-        statement = self._select(
-            filters, order, include_deleted=False, only_deleted=False
-        )
+        position = None
         if cursor is not None:
             raw = decode_cursor(cursor, binding, self._security)
             if len(raw) != len(order):
                 msg = "invalid cursor"
                 raise ValidationError(msg, field="cursor")
-            values = [
+            position = [
                 coerce_value(self.model, spec.name, value)
                 for spec, value in zip(order, raw, strict=True)
             ]
-            statement = statement.where(self._after(order, values))
-        async with self._use(read_only=True) as session:
-            rows = builtins.list((await session.exec(statement.limit(size + 1))).all())
+        rows = await self._keyset_rows(filters, order, position, size + 1)
         next_cursor = None
         if len(rows) > size:
             last = rows[size - 1]
@@ -691,10 +1038,49 @@ class AsyncRepository(Generic[ModelT]):
             next_cursor = encode_cursor(binding, position, self._security)
         return CursorPage[ModelT](items=rows[:size], next_cursor=next_cursor, size=size)
 
+    async def _keyset_rows(
+        self,
+        filters: Mapping[str, Any] | None,
+        order: Sequence[OrderSpec],
+        position: Sequence[Any] | None,
+        limit: int,
+    ) -> builtins.list[ModelT]:
+        plan = self._plan()
+        if plan is not None:
+            values: dict[str, Any] = {"dotmac_limit": limit}
+            where = self._where(filters, values)
+            if where is not None:
+                after = position is not None
+                for i, value in enumerate(position or ()):
+                    values[f"dotmac_k{i}"] = value
+                records = await self._records(
+                    plan,
+                    ("after", where, tuple(order), after),
+                    lambda: self._select_rows(
+                        plan, where, order, after=after, limit=True
+                    ),
+                    values,
+                )
+                if records is not None:
+                    return [plan.row(record) for record in records]
+        statement = self._select(
+            filters, order, include_deleted=False, only_deleted=False
+        )
+        if position is not None:
+            statement = statement.where(self._after(order, position))
+        async with self._use(read_only=True) as session:
+            return builtins.list((await session.exec(statement.limit(limit))).all())
+
     def _after(
-        self, order: Sequence[OrderSpec], values: Sequence[Any]
+        self,
+        order: Sequence[OrderSpec],
+        values: Sequence[Any],
+        mapped: Mapping[str, Any] | None = None,
     ) -> ColumnElement[bool]:
-        columns = [getattr(self.model, spec.name) for spec in order]
+        columns = [
+            getattr(self.model, spec.name) if mapped is None else mapped[spec.name]
+            for spec in order
+        ]
         directions = {spec.descending for spec in order}
         if len(directions) == 1:
             # One direction: a row-value comparison the index can range-scan.

@@ -1,0 +1,359 @@
+"""The driver path: one-statement calls run straight on asyncpg (private).
+
+A repository call made outside any transaction that needs one statement (a
+get, a page, an insert, an update) needs no session, no unit of work and no
+BEGIN / COMMIT: it runs in autocommit, one round trip, on a connection taken
+from the `Database`'s own SQLAlchemy pool. The statement is a SQLAlchemy Core
+statement with the tenant and soft-delete criteria written into it, compiled
+once per shape (model, operation, filter names, order, flags) and executed
+with asyncpg's prepared statements; rows become model objects without the
+ORM's loading machinery, converted by the column types' own result
+processors, and come back detached, as rows read by a closed session do.
+
+Pool checkout normally needs no greenlet: when a connection waits in the pool,
+taking it is synchronous. The liveness check replacing SQLAlchemy's
+`pool_pre_ping` (see `install_liveness_check`) is free for a connection the
+server closed and costs one round trip only for one idle for a while.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from inspect import signature as inspect_signature
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event, inspect
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.util import await_, greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
+
+from ._types import UTCDateTime, as_utc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+    from sqlalchemy.sql import ClauseElement
+
+__all__ = ["Compiled", "Driver", "ModelPlan", "install_liveness_check"]
+
+#: Seconds a pooled connection may sit unused before its checkout pings it.
+PING_AFTER = 2.0
+
+_object_new = object.__new__
+_set = object.__setattr__
+
+_CHECKED_IN = "dotmac_checked_in"
+_NEEDS_PING = "dotmac_needs_ping"
+
+
+def install_liveness_check(engine: AsyncEngine, *, ping: bool) -> None:
+    """Check every PostgreSQL connection the pool hands out, cheaply.
+
+    A connection the server closed (restart, `pg_terminate_backend`, idle
+    timeout) is known to asyncpg as soon as the event loop has read the EOF:
+    it is replaced without any round trip. With `ping`, a connection unused for
+    more than `PING_AFTER` seconds is also sent one empty statement first (a
+    silently dropped network path shows up only that way). SQLAlchemy's own
+    `pool_pre_ping` instead spends three round trips (BEGIN, a statement,
+    ROLLBACK) on every checkout.
+    """
+    pool = engine.sync_engine.pool
+
+    def _on_checkin(
+        _dbapi: DBAPIConnection | None, record: ConnectionPoolEntry
+    ) -> None:
+        record.info[_CHECKED_IN] = time.monotonic()
+
+    def _on_checkout(
+        dbapi: DBAPIConnection, record: ConnectionPoolEntry, _proxy: Any
+    ) -> None:
+        driver: Any = dbapi.driver_connection
+        if driver.is_closed():
+            msg = "connection closed by the server"
+            raise sa_exc.DisconnectionError(msg)
+        used = record.info.get(_CHECKED_IN)
+        if not ping or used is None or time.monotonic() - used <= PING_AFTER:
+            return
+        if not in_greenlet():
+            record.info[_NEEDS_PING] = True  # the driver path pings it itself
+            return
+        try:
+            await_(driver.execute(";"))
+        except Exception as exc:
+            msg = "connection failed its ping"
+            raise sa_exc.DisconnectionError(msg) from exc
+
+    def _on_connect(*_args: Any) -> None:
+        if not in_greenlet():
+            # The driver path took a waiting connection synchronously, and the
+            # pool must open a new one: stop before any coroutine is made;
+            # the driver path retries in a greenlet.
+            raise _NeedsGreenlet
+
+    event.listen(pool, "checkin", _on_checkin)
+    event.listen(pool, "checkout", _on_checkout)
+    event.listen(engine.sync_engine, "do_connect", _on_connect)
+
+
+class _NeedsGreenlet(Exception):
+    """A synchronous checkout found that it has to open a connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A statement compiled for the driver: SQL text and how to order its values."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+
+    def args(self, values: Mapping[str, Any]) -> list[Any]:
+        """The positional arguments for `values`, converted by the column types."""
+        return [
+            value if process is None else process(value)
+            for name, process in zip(self.names, self.processors, strict=True)
+            for value in (values[name],)
+        ]
+
+
+def compile_for(statement: ClauseElement, dialect: Dialect) -> Compiled | None:
+    """Compile `statement` for the driver; `None` if it needs per-call rendering."""
+    compiled: Any = statement.compile(dialect=dialect)
+    if compiled.literal_execute_params or compiled.post_compile_params:
+        return None
+    names = tuple(compiled.positiontup or ())
+    processors = tuple(
+        compiled.binds[name].type._cached_bind_processor(dialect) for name in names
+    )
+    return Compiled(compiled.string, names, processors)
+
+
+class ModelPlan:
+    """What the driver path knows about one model: columns, converters, statements."""
+
+    def __init__(self, model: type[Any], driver: Driver) -> None:
+        mapper = inspect(model)
+        if not mapper.configured:
+            configure_mappers()  # attribute access on built objects needs it
+        table: Any = mapper.local_table
+        dialect = driver.dialect
+        self.model = model
+        self.table = table
+        self.driver = driver
+        self.dialect = dialect
+        #: Attribute name -> Column, for the statement builders.
+        self.column = {key: mapper.columns[key] for key in mapper.columns.keys()}  # noqa: SIM118
+        columns = list(table.columns)
+        self.selected = columns
+        self.keys = tuple(
+            mapper.get_property_by_column(column).key for column in columns
+        )
+        converters = (
+            # UTCDateTime's converter, minus SQLAlchemy's wrapper around it.
+            as_utc
+            if isinstance(column.type, UTCDateTime)
+            else column.type._cached_result_processor(dialect, None)
+            for column in columns
+        )
+        #: (attribute, converter) for the columns whose values need converting.
+        self._converters = tuple(
+            (key, convert)
+            for key, convert in zip(self.keys, converters, strict=True)
+            if convert is not None
+        )
+        (pk,) = mapper.primary_key
+        self._pk_key = self.keys[columns.index(pk)]
+        self._identity_class = mapper._identity_class
+        manager = mapper.class_manager
+        self._class = manager.class_
+        self._manager = manager
+        self._state = manager._state_constructor
+        #: Every column is written from Python: an INSERT needs no RETURNING.
+        self.plain_insert = not any(
+            column.server_default is not None or column.server_onupdate is not None
+            for column in columns
+        )
+        #: Values for the columns with a Python `onupdate`, or `None` when one
+        #: of them needs SQLAlchemy's execution context (then UPDATE goes the
+        #: ORM way).
+        self.on_update = _on_update(columns, self.keys)
+        self._statements: dict[Hashable, Compiled | None] = {}
+
+    def statement(
+        self,
+        key: Hashable,
+        build: Callable[[], ClauseElement],
+        names: Collection[str] | None = None,
+    ) -> Compiled | None:
+        """The compiled statement for `key`, built and compiled on first use.
+
+        `None` (cached too) when the statement cannot run on the driver as
+        compiled: it renders per call, or it takes a parameter outside `names`
+        (a column default SQLAlchemy would compute while executing).
+        """
+        try:
+            return self._statements[key]
+        except KeyError:
+            compiled = compile_for(build(), self.dialect)
+            if (
+                compiled is not None
+                and names is not None
+                and not set(compiled.names) <= set(names)
+            ):
+                compiled = None
+            self._statements[key] = compiled
+            return compiled
+
+    def _new(self, values: dict[str, Any], fields_set: set[str]) -> Any:
+        """A model object holding `values`, made the way the ORM loads rows.
+
+        As SQLAlchemy does when it loads a row, `__init__` is skipped (values go
+        straight into `__dict__`); the pydantic slots are set as SQLModel's
+        `__new__` sets them; the identity key makes the object detached.
+        """
+        obj = _object_new(self._class)
+        _set(obj, "__pydantic_fields_set__", fields_set)
+        _set(obj, "__pydantic_extra__", None)
+        _set(obj, "__pydantic_private__", None)
+        state = self._state(obj, self._manager)
+        state.key = (self._identity_class, (values[self._pk_key],), None)
+        values["_sa_instance_state"] = state
+        _set(obj, "__dict__", values)
+        return obj
+
+    def row(self, record: Sequence[Any]) -> Any:
+        """A detached model object from one result row (values in `selected` order)."""
+        # zip stops at the last column: a trailing value (a page's total) is
+        # not the row's.
+        values = dict(zip(self.keys, record, strict=False))
+        for key, convert in self._converters:
+            value = values[key]
+            if value is not None:
+                values[key] = convert(value)
+        return self._new(values, set())
+
+    def detached(self, values: Mapping[str, Any]) -> Any:
+        """A detached model object from validated values (a row just written)."""
+        return self._new(dict(values), set(values))
+
+
+def _on_update(
+    columns: Sequence[Any], keys: Sequence[str]
+) -> dict[str, Callable[[], Any]] | None:
+    found: dict[str, Callable[[], Any]] = {}
+    for column, key in zip(columns, keys, strict=True):
+        default = column.onupdate
+        if default is None:
+            continue
+        if default.is_scalar:
+            found[key] = _constant(default.arg)
+            continue
+        function = getattr(default.arg, "__wrapped__", None)
+        if not default.is_callable or function is None:
+            return None
+        if any(
+            parameter.default is parameter.empty
+            for parameter in inspect_signature(function).parameters.values()
+        ):
+            return None  # it wants SQLAlchemy's execution context
+        found[key] = function
+    return found
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+class Driver:
+    """Runs compiled statements on asyncpg connections of a `Database`'s pool."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.dialect = engine.dialect
+        self._pool: Any = engine.sync_engine.pool
+        idle = getattr(self._pool, "checkedin", None)
+        # Taking a waiting connection needs no I/O, so no greenlet (that saves
+        # about a third of a short read), unless SQLAlchemy pings on checkout.
+        self._idle: Callable[[], int] | None = (
+            None if getattr(self._pool, "_pre_ping", True) else idle
+        )
+        self._plans: dict[type[Any], ModelPlan] = {}
+
+    def plan(self, model: type[Any]) -> ModelPlan:
+        """The `ModelPlan` of `model` on this database."""
+        plan = self._plans.get(model)
+        if plan is None:
+            plan = self._plans[model] = ModelPlan(model, self)
+        return plan
+
+    async def _checkout(self) -> PoolProxiedConnection:
+        pool = self._pool
+        if self._idle is not None and self._idle():
+            try:
+                fairy: PoolProxiedConnection = pool.connect()
+            except _NeedsGreenlet:
+                # The waiting connection was closed, expired or invalidated.
+                fairy = await greenlet_spawn(pool.connect)
+        else:
+            fairy = await greenlet_spawn(pool.connect)
+        if fairy.info.pop(_NEEDS_PING, False):
+            try:
+                await fairy.driver_connection.execute(";")  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001 - any failure: use another connection
+                fairy.invalidate()
+                fairy = await greenlet_spawn(pool.connect)
+        return fairy
+
+    async def run(
+        self,
+        compiled: Compiled,
+        values: Mapping[str, Any],
+        *,
+        rows: bool = True,
+        retry: bool = False,
+    ) -> list[Any]:
+        """Run `compiled` in autocommit; return its rows (`[]` when `rows` is false).
+
+        With `retry` (reads only), a connection found dead by the statement is
+        replaced and the statement sent once more.
+        """
+        args = compiled.args(values)
+        fairy = await self._checkout()
+        driver: Any = fairy.driver_connection
+        try:
+            if rows:
+                result: list[Any] = await driver.fetch(compiled.sql, *args)
+            else:
+                await driver.execute(compiled.sql, *args)
+                result = []
+        except BaseException as exc:
+            broken = driver.is_closed() or not _is_server_error(exc)
+            if broken:
+                # Cancelled or cut off mid-statement: the connection's state is
+                # unknown, so it is closed rather than handed out again.
+                fairy.invalidate()
+            else:
+                fairy.close()
+            if retry and broken and isinstance(exc, Exception) and _is_lost(exc):
+                return await self.run(compiled, values, rows=rows, retry=False)
+            raise
+        fairy.close()
+        return result
+
+
+def _is_server_error(exc: BaseException) -> bool:
+    """An error the server reported for the statement (the connection is fine)."""
+    return type(exc).__module__.startswith("asyncpg") and hasattr(exc, "sqlstate")
+
+
+def _is_lost(exc: Exception) -> bool:
+    """The connection was gone before or while the statement was sent."""
+    name = type(exc).__name__
+    return name in ("ConnectionDoesNotExistError", "InterfaceError") or isinstance(
+        exc, ConnectionError
+    )
