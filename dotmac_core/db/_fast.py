@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass
 from inspect import signature as inspect_signature
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import event, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.util import await_, greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -37,10 +39,20 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.orm import Session
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
     from sqlalchemy.sql import ClauseElement
 
-__all__ = ["Compiled", "Driver", "ModelPlan", "install_liveness_check"]
+    from .session import AsyncSession
+
+__all__ = [
+    "Compiled",
+    "Driver",
+    "ModelPlan",
+    "driver_for",
+    "install_liveness_check",
+    "run_in_session",
+]
 
 #: Seconds a pooled connection may sit unused before its checkout pings it.
 PING_AFTER = 2.0
@@ -238,6 +250,28 @@ class ModelPlan:
                 values[key] = convert(value)
         return self._new(values, set())
 
+    def attach(self, session: Session, records: Sequence[Any]) -> list[Any]:
+        """The session's objects for `records`, as a query on it would return.
+
+        A row already in the identity map comes back as that object (its
+        expired attributes refilled from the row); a new one joins the session.
+        """
+        identity_map = session.identity_map
+        objects = []
+        for record in records:
+            obj = self.row(record)
+            existing = identity_map.get(obj._sa_instance_state.key)
+            if existing is None:
+                session.add(obj)
+                objects.append(obj)
+                continue
+            fresh = obj.__dict__
+            for key in list(instance_state(existing).expired_attributes):
+                if key in fresh:
+                    set_committed_value(existing, key, fresh[key])
+            objects.append(existing)
+        return objects
+
     def detached(self, values: Mapping[str, Any]) -> Any:
         """A detached model object from validated values (a row just written)."""
         return self._new(dict(values), set(values))
@@ -270,6 +304,44 @@ def _constant(value: Any) -> Callable[[], Any]:
     return lambda: value
 
 
+_DRIVERS: WeakKeyDictionary[Any, Driver] = WeakKeyDictionary()
+
+
+def driver_for(session: Session) -> Driver | None:
+    """The `Driver` of the database `session` is bound to, if it has one."""
+    engine = getattr(session.bind, "engine", None)
+    return None if engine is None else _DRIVERS.get(engine)
+
+
+async def run_in_session(
+    session: AsyncSession, compiled: Compiled, values: Mapping[str, Any]
+) -> list[Any] | None:
+    """Run a read on `session`'s connection, inside its transaction.
+
+    `None` (take the ORM way) when the session holds unflushed changes (a
+    query would flush them first) or its transaction has not started on the
+    server yet (the ORM way starts it, with its isolation level).
+    """
+    sync = session.sync_session
+    if sync.autoflush and (sync.new or sync.deleted or sync.dirty):
+        return None
+    connection = await session.connection()
+    fairy = await connection.get_raw_connection()
+    adapter: Any = fairy.dbapi_connection
+    if getattr(adapter, "_transaction", None) is None and not getattr(
+        adapter, "autocommit", False
+    ):
+        return None
+    driver: Any = fairy.driver_connection
+    try:
+        result: list[Any] = await driver.fetch(compiled.sql, *compiled.args(values))
+    except BaseException as exc:
+        if driver.is_closed() or not _is_server_error(exc):
+            connection.sync_connection.invalidate()  # type: ignore[union-attr]
+        raise
+    return result
+
+
 class Driver:
     """Runs compiled statements on asyncpg connections of a `Database`'s pool."""
 
@@ -283,6 +355,7 @@ class Driver:
             None if getattr(self._pool, "_pre_ping", True) else idle
         )
         self._plans: dict[type[Any], ModelPlan] = {}
+        _DRIVERS[engine.sync_engine] = self
 
     def plan(self, model: type[Any]) -> ModelPlan:
         """The `ModelPlan` of `model` on this database."""

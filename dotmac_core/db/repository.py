@@ -23,6 +23,7 @@ from typing import (
     Any,
     ClassVar,
     Generic,
+    NamedTuple,
     TypeVar,
     cast,
     get_args,
@@ -56,6 +57,7 @@ from ..exceptions import (
     translate_errors,
 )
 from ..tenancy import current_user_id
+from ._fast import driver_for, run_in_session
 from ._types import utc_now
 from ._validation import (
     detached_row,
@@ -117,6 +119,13 @@ __all__ = ["AsyncRepository"]
 ModelT = TypeVar("ModelT", bound=SQLModel)
 
 _INT = Integer()
+
+
+class _Via(NamedTuple):
+    """Where a driver-path call runs: the pool (no session) or a session."""
+
+    plan: ModelPlan
+    session: AsyncSession | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,16 +255,25 @@ class AsyncRepository(Generic[ModelT]):
 
     # --- the driver path (see _fast.py) --------------------------------------
 
-    def _plan(self) -> ModelPlan | None:
-        """The driver path's plan, when this call may take it.
+    def _via(self, *, write: bool = False) -> _Via | None:
+        """How this call may run on the driver, or `None` for the ORM way.
 
-        It may outside any transaction (no session given, none ambient) on
-        PostgreSQL: one statement in autocommit is then the whole call.
+        Outside any transaction on PostgreSQL: on a pooled connection, one
+        statement in autocommit. Reads on a session (given or ambient): on its
+        connection, inside its transaction, when it already has one going.
         """
-        if self._session is not None or current_transaction() is not None:
+        session = self._session
+        if session is None:
+            ambient = current_transaction()
+            if ambient is not None:
+                session = ambient.session
+        if session is None:
+            driver = (self._db or get_database()).driver
+            return None if driver is None else _Via(driver.plan(self.model), None)
+        if write:
             return None
-        driver = (self._db or get_database()).driver
-        return None if driver is None else driver.plan(self.model)
+        driver = driver_for(session.sync_session)
+        return None if driver is None else _Via(driver.plan(self.model), session)
 
     def _where(
         self,
@@ -292,7 +310,7 @@ class AsyncRepository(Generic[ModelT]):
 
     async def _records(
         self,
-        plan: ModelPlan,
+        via: _Via,
         key: Hashable,
         build: Callable[[], ClauseElement],
         values: Mapping[str, Any],
@@ -302,11 +320,24 @@ class AsyncRepository(Generic[ModelT]):
         retry: bool = True,
     ) -> builtins.list[Any] | None:
         """Run the statement `key` on the driver; `None` if it cannot run there."""
+        plan = via.plan
         compiled = plan.statement(key, build, names)
         if compiled is None:
             return None
         with translate_errors():
-            return await plan.driver.run(compiled, values, rows=rows, retry=retry)
+            if via.session is None:
+                return await plan.driver.run(compiled, values, rows=rows, retry=retry)
+            session = via.session
+            if is_tenant_model(self.model):
+                bind_session(session.sync_session, current_scope())
+            with session._in_use():
+                return await run_in_session(session, compiled, values)
+
+    def _rows(self, via: _Via, records: Sequence[Any]) -> builtins.list[ModelT]:
+        """Model objects for `records`: detached, or the session's own."""
+        if via.session is None:
+            return [via.plan.row(record) for record in records]
+        return via.plan.attach(via.session.sync_session, records)
 
     def _select_rows(
         self,
@@ -347,16 +378,17 @@ class AsyncRepository(Generic[ModelT]):
     ) -> ModelT | None:
         """Return the row with this primary key, or `None`."""
         key = self._id(id)
-        plan = None if load else self._plan()
-        if plan is not None:
+        via = None if load else self._via()
+        if via is not None:
+            plan = via.plan
             values: dict[str, Any] = {"dotmac_key": key}
             where = self._where(None, values, include_deleted=include_deleted)
             assert where is not None  # noqa: S101 - no filters, no lists
             records = await self._records(
-                plan, ("get", where), lambda: self._get_statement(plan, where), values
+                via, ("get", where), lambda: self._get_statement(plan, where), values
             )
             if records is not None:
-                return plan.row(records[0]) if records else None
+                return self._rows(via, records[:1])[0] if records else None
         statement = (
             select(self.model)
             .where(self._pk == key)
@@ -447,8 +479,9 @@ class AsyncRepository(Generic[ModelT]):
             if value is not None and (not isinstance(value, int) or value < 0):
                 msg = f"{name} must be an int >= 0, got {value!r}"
                 raise ValidationError(msg, field=name)
-        plan = None if load else self._plan()
-        if plan is not None:
+        via = None if load else self._via()
+        if via is not None:
+            plan = via.plan
             values: dict[str, Any] = {}
             where = self._where(
                 filters,
@@ -463,7 +496,7 @@ class AsyncRepository(Generic[ModelT]):
                 if offset:
                     values["dotmac_offset"] = offset
                 records = await self._records(
-                    plan,
+                    via,
                     ("list", where, order, limit is not None, bool(offset)),
                     lambda: self._select_rows(
                         plan, where, order, limit=limit is not None, offset=bool(offset)
@@ -471,7 +504,7 @@ class AsyncRepository(Generic[ModelT]):
                     values,
                 )
                 if records is not None:
-                    return [plan.row(record) for record in records]
+                    return self._rows(via, records)
         statement = self._select(
             filters,
             self._total_order(order_by),
@@ -493,8 +526,8 @@ class AsyncRepository(Generic[ModelT]):
         only_deleted: bool = False,
     ) -> int:
         """Return how many rows match `filters`."""
-        plan = self._plan()
-        if plan is not None:
+        via = self._via()
+        if via is not None:
             values: dict[str, Any] = {}
             where = self._where(
                 filters,
@@ -503,7 +536,7 @@ class AsyncRepository(Generic[ModelT]):
                 only_deleted=only_deleted,
             )
             if where is not None:
-                total = await self._driver_count(plan, where, values)
+                total = await self._driver_count(via, where, values)
                 if total is not None:
                     return total
         async with self._use(read_only=True) as session:
@@ -515,10 +548,11 @@ class AsyncRepository(Generic[ModelT]):
             )
 
     async def _driver_count(
-        self, plan: ModelPlan, where: _Where, values: Mapping[str, Any]
+        self, via: _Via, where: _Where, values: Mapping[str, Any]
     ) -> int | None:
+        plan = via.plan
         records = await self._records(
-            plan,
+            via,
             ("count", where),
             lambda: (
                 select(func.count()).select_from(plan.table).where(*where.clauses(plan))
@@ -573,13 +607,14 @@ class AsyncRepository(Generic[ModelT]):
             AlreadyExistsError: a unique key is taken.
             TenantError: the row belongs to another tenant, or none is set.
         """
-        plan = None if isinstance(data, self.model) else self._plan()
-        if plan is not None and plan.plain_insert:
+        via = None if isinstance(data, self.model) else self._via(write=True)
+        if via is not None and via.plan.plain_insert:
+            plan = via.plan
             values = validated_values(self.model, data)
             self._check_tenant((values,))
             params = {f"dotmac_v_{key}": value for key, value in values.items()}
             done = await self._records(
-                plan,
+                via,
                 ("insert",),
                 lambda: sa_insert(plan.table).values(
                     {
@@ -655,13 +690,15 @@ class AsyncRepository(Generic[ModelT]):
             ValidationError: a field is unknown, protected or invalid.
         """
         changes = validated_changes(self.model, data)
-        plan = self._plan() if changes else None
-        if plan is not None and plan.on_update is not None:
+        via = self._via(write=True) if changes else None
+        on_update = None if via is None else via.plan.on_update
+        if via is not None and on_update is not None:
+            plan = via.plan
             values: dict[str, Any] = {"dotmac_key": self._id(id)}
             where = self._where(None, values)
             assert where is not None  # noqa: S101 - no filters, no lists
             sets = dict(changes)
-            for name, make in plan.on_update.items():
+            for name, make in on_update.items():
                 sets.setdefault(name, make())
             user = current_user_id()
             if user is not None and "updated_by" in self._columns:
@@ -670,7 +707,7 @@ class AsyncRepository(Generic[ModelT]):
                 values[f"dotmac_s_{name}"] = value
             names = tuple(sets)
             records = await self._records(
-                plan,
+                via,
                 ("update", where, names),
                 lambda: self._update_statement(plan, where, names),
                 values,
@@ -680,7 +717,7 @@ class AsyncRepository(Generic[ModelT]):
             if records is not None:
                 if not records:
                     raise self._not_found(id)
-                updated: ModelT = plan.row(records[0])
+                updated: ModelT = self._rows(via, records[:1])[0]
                 return updated
         async with self._use() as session:
             row = (
@@ -919,8 +956,9 @@ class AsyncRepository(Generic[ModelT]):
             size = per_page
         check_page(page, size, MAX_PAGE_SIZE)
         offset = (page - 1) * size
-        plan = self._plan()
-        if plan is not None:
+        via = self._via()
+        if via is not None:
+            plan = via.plan
             values: dict[str, Any] = {"dotmac_limit": size + 1, "dotmac_offset": offset}
             where = self._where(filters, values, include_deleted=include_deleted)
             if where is not None:
@@ -928,7 +966,7 @@ class AsyncRepository(Generic[ModelT]):
                 # The total rides in the same statement, as a scalar subquery
                 # PostgreSQL evaluates once: one round trip for page and count.
                 records = await self._records(
-                    plan,
+                    via,
                     ("page", where, order, with_total),
                     lambda: self._select_rows(
                         plan,
@@ -948,8 +986,8 @@ class AsyncRepository(Generic[ModelT]):
                         elif offset == 0:
                             total = 0
                         else:  # past the end: no row carried the total
-                            total = await self._driver_count(plan, where, values)
-                    rows = [plan.row(record) for record in records]
+                            total = await self._driver_count(via, where, values)
+                    rows = self._rows(via, records)
                     return PaginationResult[ModelT].build(
                         rows[:size],
                         page=page,
@@ -1045,8 +1083,9 @@ class AsyncRepository(Generic[ModelT]):
         position: Sequence[Any] | None,
         limit: int,
     ) -> builtins.list[ModelT]:
-        plan = self._plan()
-        if plan is not None:
+        via = self._via()
+        if via is not None:
+            plan = via.plan
             values: dict[str, Any] = {"dotmac_limit": limit}
             where = self._where(filters, values)
             if where is not None:
@@ -1054,7 +1093,7 @@ class AsyncRepository(Generic[ModelT]):
                 for i, value in enumerate(position or ()):
                     values[f"dotmac_k{i}"] = value
                 records = await self._records(
-                    plan,
+                    via,
                     ("after", where, tuple(order), after),
                     lambda: self._select_rows(
                         plan, where, order, after=after, limit=True
@@ -1062,7 +1101,7 @@ class AsyncRepository(Generic[ModelT]):
                     values,
                 )
                 if records is not None:
-                    return [plan.row(record) for record in records]
+                    return self._rows(via, records)
         statement = self._select(
             filters, order, include_deleted=False, only_deleted=False
         )
