@@ -8,12 +8,12 @@ would store an over-long string) as on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import pydantic
 from sqlalchemy import inspect
-from sqlalchemy.orm import configure_mappers, make_transient_to_detached
+from sqlalchemy.orm import configure_mappers
 from sqlmodel import SQLModel
 
 from ..exceptions import TenantError, ValidationError
@@ -89,6 +89,29 @@ def validated_values(model: type[Any], data: object) -> dict[str, Any]:
         raise invalid(model, exc) from exc
 
 
+_LIST_ADAPTERS: dict[type[Any], pydantic.TypeAdapter[list[Any]]] = {}
+
+
+def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, Any]]:
+    """`validated_values` for many items, validated in one pass.
+
+    One pydantic call checks the whole list (its loop runs in Rust); if any
+    item is invalid, the items are checked one by one to raise the same
+    error a single `create` would.
+    """
+    given = list(items)
+    data = [item.model_dump() if isinstance(item, model) else item for item in given]
+    adapter = _LIST_ADAPTERS.get(model)
+    if adapter is None:
+        schema: Any = list[input_model(model)]  # type: ignore[misc]
+        adapter = _LIST_ADAPTERS[model] = pydantic.TypeAdapter(schema)
+    try:
+        checked = adapter.validate_python(data)
+    except pydantic.ValidationError:
+        return [validated_values(model, item) for item in given]
+    return [dict(row.__dict__) for row in checked]
+
+
 def validated(model: type[ModelT], data: Mapping[str, Any] | ModelT) -> ModelT:
     """Return a validated instance of `model` built from `data`.
 
@@ -105,24 +128,61 @@ def validated(model: type[ModelT], data: Mapping[str, Any] | ModelT) -> ModelT:
         raise invalid(model, exc) from exc
 
 
-def detached_row(model: type[ModelT], values: Mapping[str, Any]) -> ModelT:
-    """Build a persistent-looking (detached) row object from validated values.
+class RowMaker(NamedTuple):
+    """What building a row object of one model needs, looked up once."""
 
-    Used after a bulk insert wrote `values`: the object is populated the way
-    SQLAlchemy populates loaded rows (straight into `__dict__`), skipping the
-    per-attribute events of `__init__`, then marked detached so adding it to
-    a session later means UPDATE, not INSERT.
+    cls: type[Any]
+    state: Callable[[Any, Any], Any]
+    manager: Any
+    identity: type[Any]
+    pk: str
+
+
+_MAKERS: dict[type[Any], RowMaker] = {}
+
+
+def row_maker(model: type[Any]) -> RowMaker:
+    """The `RowMaker` of a table model (its mappers configured on first use)."""
+    maker = _MAKERS.get(model)
+    if maker is None:
+        mapper = inspect(model)
+        if not mapper.configured:
+            configure_mappers()  # attribute access on built objects needs it
+        (pk,) = mapper.primary_key
+        manager = mapper.class_manager
+        maker = _MAKERS[model] = RowMaker(
+            manager.class_,
+            manager._state_constructor,
+            manager,
+            mapper._identity_class,
+            mapper.get_property_by_column(pk).key,
+        )
+    return maker
+
+
+def detached_row(model: type[ModelT], values: Mapping[str, Any]) -> ModelT:
+    """Build a detached row object from the values of a row just written.
+
+    Made the way SQLAlchemy makes loaded rows: `__init__` is skipped and the
+    values go straight into `__dict__`; the pydantic slots are set as
+    SQLModel's `__new__` sets them; the identity key marks the object
+    detached, so adding it to a session later means UPDATE, not INSERT.
     """
-    mapper = inspect(model)
-    if not mapper.configured:
-        configure_mappers()
-    row: ModelT = mapper.class_manager.new_instance()
-    row.__dict__.update(values)
-    object.__setattr__(row, "__pydantic_fields_set__", set(values))
-    object.__setattr__(row, "__pydantic_extra__", None)
-    object.__setattr__(row, "__pydantic_private__", None)
-    make_transient_to_detached(row)
-    return row
+    maker = row_maker(model)
+    obj: ModelT = _object_new(maker.cls)
+    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    state = maker.state(obj, maker.manager)
+    state.key = (maker.identity, (values[maker.pk],), None)
+    contents = dict(values)
+    contents["_sa_instance_state"] = state
+    _set(obj, "__dict__", contents)
+    return obj
+
+
+_object_new = object.__new__
+_set = object.__setattr__
 
 
 _FIELD_ADAPTERS: dict[tuple[type[Any], str], pydantic.TypeAdapter[Any]] = {}

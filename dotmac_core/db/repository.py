@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -63,6 +64,7 @@ from ._validation import (
     detached_row,
     validated,
     validated_changes,
+    validated_rows,
     validated_values,
 )
 from .database import Database, get_database
@@ -119,6 +121,20 @@ __all__ = ["AsyncRepository"]
 ModelT = TypeVar("ModelT", bound=SQLModel)
 
 _INT = Integer()
+#: Parsed `order_by` strings per model (bounded: the strings come from callers).
+_ORDERS: dict[tuple[type[Any], str], tuple[OrderSpec, ...]] = {}
+_MAX_ORDERS = 1024
+
+
+def _tuples(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> builtins.list[tuple[Any, ...]]:
+    """The values of `rows` as tuples in `columns` order (for COPY)."""
+    if len(columns) == 1:
+        (only,) = columns
+        return [(row[only],) for row in rows]
+    take = itemgetter(*columns)
+    return [take(row) for row in rows]
 
 
 class _Via(NamedTuple):
@@ -455,12 +471,18 @@ class AsyncRepository(Generic[ModelT]):
             clauses.append(column.desc() if spec.descending else column.asc())
         return clauses
 
-    def _total_order(self, order_by: OrderBy) -> list[OrderSpec]:
+    def _total_order(self, order_by: OrderBy) -> builtins.list[OrderSpec]:
         """The requested order, ended by the primary key so rows never tie."""
+        key = (self.model, order_by) if isinstance(order_by, str) else None
+        known = _ORDERS.get(key) if key is not None else None
+        if known is not None:
+            return builtins.list(known)
         specs = parse_order_by(self.model, order_by)
         if not any(spec.name == self._pk.key for spec in specs):
             descending = specs[0].descending if specs else False
             specs.append(OrderSpec(self._pk.key, descending))
+        if key is not None and len(_ORDERS) < _MAX_ORDERS:
+            _ORDERS[key] = tuple(specs)  # one checked string, parsed once
         return specs
 
     async def list(
@@ -660,11 +682,26 @@ class AsyncRepository(Generic[ModelT]):
         The returned objects are detached, ready to be added to a session for
         later changes.
         """
-        rows = [validated_values(self.model, item) for item in items]
+        rows = validated_rows(self.model, items)
         if not rows:
             return []
         table = self.model.__table__
         columns = [column.key for column in table.columns]
+        via = self._via(write=True)
+        if via is not None:
+            # One COPY in autocommit: atomic on its own, no BEGIN / COMMIT.
+            self._check_tenant(rows)
+            records = _tuples(rows, columns)
+            with translate_errors():
+                await via.plan.driver.use(
+                    lambda driver: driver.copy_records_to_table(
+                        table.name,
+                        schema_name=table.schema,
+                        columns=columns,
+                        records=records,
+                    )
+                )
+            return [detached_row(self.model, row) for row in rows]
         async with self._use() as session:
             scope = self._check_tenant(rows)
             if scope is not None:
@@ -676,7 +713,7 @@ class AsyncRepository(Generic[ModelT]):
                     table.name,
                     schema_name=table.schema,
                     columns=columns,
-                    records=[tuple(row[key] for key in columns) for row in rows],
+                    records=_tuples(rows, columns),
                 )
             else:
                 await session.exec(sa_insert(table), params=rows)
@@ -1074,7 +1111,9 @@ class AsyncRepository(Generic[ModelT]):
             last = rows[size - 1]
             position = [to_jsonable_python(getattr(last, spec.name)) for spec in order]
             next_cursor = encode_cursor(binding, position, self._security)
-        return CursorPage[ModelT](items=rows[:size], next_cursor=next_cursor, size=size)
+        return CursorPage[ModelT].model_construct(
+            items=rows[:size], next_cursor=next_cursor, size=size
+        )
 
     async def _keyset_rows(
         self,
