@@ -22,6 +22,9 @@ def utc_now() -> datetime:
 
 _uuid7_lock = threading.Lock()
 _uuid7_last = (0, 0)  # (millisecond, 12-bit counter) of the last id made
+_random = b""  # unused bytes of the last os.urandom read
+_new_uuid = uuid.UUID.__new__
+_safe = uuid.SafeUUID.unknown
 
 
 def uuid7() -> uuid.UUID:
@@ -32,25 +35,49 @@ def uuid7() -> uuid.UUID:
     millisecond the next 12 bits count up (RFC 9562 method 1), so ids made in
     this process sort in creation order.
     """
-    global _uuid7_last
+    return uuid7_batch(1)[0]
+
+
+def uuid7_batch(count: int) -> list[uuid.UUID]:
+    """Return `count` successive `uuid7()` values, made under one lock."""
+    global _uuid7_last, _random
+    values = []
     with _uuid7_lock:
-        millis = time.time_ns() // 1_000_000
-        last_millis, last_counter = _uuid7_last
-        if millis > last_millis:
-            # A random start in the lower half leaves room to count up.
-            counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
-        else:
-            millis, counter = last_millis, last_counter + 1
-            if counter > 0xFFF:  # counter exhausted: borrow the next millisecond
-                millis, counter = millis + 1, 0
-        _uuid7_last = (millis, counter)
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (millis & 0xFFFF_FFFF_FFFF) << 80  # 48-bit time
-    value |= 0x7 << 76  # version 7
-    value |= counter << 64  # 12-bit rand_a used as a counter
-    value |= 0x2 << 62  # RFC 9562 variant
-    value |= rand_b  # 62 random bits
-    return uuid.UUID(int=value)
+        if len(_random) < 10 * count:
+            _random = os.urandom(max(4096, 10 * count))
+        randomness, _random = _random[: 10 * count], _random[10 * count :]
+        last_millis, counter = _uuid7_last
+        for i in range(0, 10 * count, 10):
+            millis = time.time_ns() // 1_000_000
+            if millis > last_millis:
+                # A random start in the lower half leaves room to count up.
+                counter = int.from_bytes(randomness[i : i + 2], "big") & 0x7FF
+            else:
+                millis, counter = last_millis, counter + 1
+                if counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                    millis, counter = millis + 1, 0
+            last_millis = millis
+            rand_b = int.from_bytes(randomness[i + 2 : i + 10], "big") & _RAND_B
+            values.append(
+                (millis & 0xFFFF_FFFF_FFFF) << 80  # 48-bit time
+                | 0x7 << 76  # version 7
+                | counter << 64  # 12-bit rand_a used as a counter
+                | 0x2 << 62  # RFC 9562 variant
+                | rand_b  # 62 random bits
+            )
+        _uuid7_last = (last_millis, counter)
+    made = []
+    for value in values:
+        # What UUID(int=value) does, minus its argument checks: the value is
+        # in range by construction.
+        one: uuid.UUID = _new_uuid(uuid.UUID)
+        object.__setattr__(one, "int", value)
+        object.__setattr__(one, "is_safe", _safe)
+        made.append(one)
+    return made
+
+
+_RAND_B = (1 << 62) - 1
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -8,7 +8,9 @@ would store an over-long string) as on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import gc
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Annotated, Any, NamedTuple, TypeVar
 
 import pydantic
@@ -16,7 +18,10 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import configure_mappers
 from sqlmodel import SQLModel
 
-from ..exceptions import TenantError, ValidationError
+from ..exceptions import DotMacError, TenantError, ValidationError
+from ..tenancy import current_user_id
+from ._types import utc_now, uuid7, uuid7_batch
+from .models import stamp_tenant
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
 
@@ -100,16 +105,74 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
     error a single `create` would.
     """
     given = list(items)
-    data = [item.model_dump() if isinstance(item, model) else item for item in given]
+    shared = _shared_defaults(model)
+    keys = [
+        name
+        for name, field in model.model_fields.items()
+        if field.default_factory is uuid7
+    ]
+    ids = uuid7_batch(len(given)) if len(keys) == 1 else None
+    data = [
+        item.model_dump()
+        if isinstance(item, model)
+        else {**shared, keys[0]: ids[i], **item}
+        if ids is not None and isinstance(item, Mapping)
+        else {**shared, **item}
+        if isinstance(item, Mapping)
+        else item
+        for i, item in enumerate(given)
+    ]
     adapter = _LIST_ADAPTERS.get(model)
     if adapter is None:
         schema: Any = list[input_model(model)]  # type: ignore[misc]
         adapter = _LIST_ADAPTERS[model] = pydantic.TypeAdapter(schema)
+    with batch_allocation():
+        try:
+            checked = adapter.validate_python(data)
+        except pydantic.ValidationError:
+            return [validated_values(model, item) for item in given]
+        return [dict(row.__dict__) for row in checked]
+
+
+#: Default factories whose value depends on the call, not the row: the clock,
+#: the acting user, the current tenant. A batch evaluates them once, so its
+#: rows share one timestamp, as rows written by one statement share `now()`.
+_PER_CALL_FACTORIES = frozenset({utc_now, current_user_id, stamp_tenant})
+
+
+def _shared_defaults(model: type[Any]) -> dict[str, Any]:
+    """Values of `model`'s per-call default factories, evaluated once.
+
+    A factory that raises (no tenant set, say) is left to each row, which
+    then fails as it would alone.
+    """
+    shared: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        factory = field.default_factory
+        if factory in _PER_CALL_FACTORIES:
+            try:
+                shared[name] = factory()
+            except DotMacError:
+                continue
+    return shared
+
+
+@contextmanager
+def batch_allocation() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch of objects is built.
+
+    Thousands of new objects that stay alive set off collections over and
+    over (about half the cost of building 10,000 row objects here); they
+    are freed by reference counting anyway. The block does no I/O, so no
+    other task runs meanwhile; the collector's previous state is restored.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        checked = adapter.validate_python(data)
-    except pydantic.ValidationError:
-        return [validated_values(model, item) for item in given]
-    return [dict(row.__dict__) for row in checked]
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def validated(model: type[ModelT], data: Mapping[str, Any] | ModelT) -> ModelT:

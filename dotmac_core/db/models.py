@@ -55,7 +55,8 @@ def snake_case(name: str) -> str:
     return _WORD_BOUNDARY.sub("_", name).lower()
 
 
-def _stamp_tenant() -> str:
+def stamp_tenant() -> str:
+    """The current tenant, as the default of `tenant_id` (`TenantError` if none)."""
     tenant = get_current_tenant()
     if tenant is None:
         msg = "tenant_id was not given and no tenant is set in this context"
@@ -129,7 +130,7 @@ class TenantMixin(SQLModel):
     """Adds `tenant_id` (indexed, not null), from the tenant context if not given."""
 
     tenant_id: str = Field(
-        default_factory=_stamp_tenant,
+        default_factory=stamp_tenant,
         sa_type=String(MAX_TENANT_ID_LENGTH),
         max_length=MAX_TENANT_ID_LENGTH,
         min_length=1,

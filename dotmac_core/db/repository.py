@@ -61,6 +61,7 @@ from ..tenancy import current_user_id
 from ._fast import driver_for, run_in_session
 from ._types import utc_now
 from ._validation import (
+    batch_allocation,
     detached_row,
     validated,
     validated_changes,
@@ -701,7 +702,8 @@ class AsyncRepository(Generic[ModelT]):
                         records=records,
                     )
                 )
-            return [detached_row(self.model, row) for row in rows]
+            with batch_allocation():
+                return [detached_row(self.model, row) for row in rows]
         async with self._use() as session:
             scope = self._check_tenant(rows)
             if scope is not None:
@@ -717,7 +719,8 @@ class AsyncRepository(Generic[ModelT]):
                 )
             else:
                 await session.exec(sa_insert(table), params=rows)
-        return [detached_row(self.model, row) for row in rows]
+        with batch_allocation():
+            return [detached_row(self.model, row) for row in rows]
 
     async def update(self, id: Any, data: Mapping[str, Any]) -> ModelT:
         """Apply the changes in `data` to the row with this key; return it.
