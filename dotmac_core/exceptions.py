@@ -478,7 +478,13 @@ def translate_error(exc: BaseException) -> BaseException:
         # asyncpg's command_timeout raises the builtin, unwrapped by SQLAlchemy.
         return OperationTimeoutError("database command timed out")
     if isinstance(exc, sqlite3.Error):
-        return DatabaseError(f"database error ({type(exc).__name__})")
+        # A bare sqlite3 error: raised by calls made on the driver connection.
+        return _translate_driver(
+            exc,
+            kind=type(exc).__name__,
+            invalidated=False,
+            integrity=isinstance(exc, sqlite3.IntegrityError),
+        )
     # Connect failures: refused/reset, name resolution, or asyncio's combined
     # "Multiple exceptions" OSError. Other OSErrors (files) are not ours.
     if isinstance(exc, (ConnectionError, socket.gaierror)) or type(exc) is OSError:

@@ -18,6 +18,7 @@ server closed and costs one round trip only for one idle for a while.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from inspect import signature as inspect_signature
@@ -58,7 +59,8 @@ __all__ = [
     "ModelPlan",
     "driver_for",
     "install_liveness_check",
-    "run_in_session",
+    "install_sqlite_reset",
+    "install_sync_checkout",
 ]
 
 #: Seconds a pooled connection may sit unused before its checkout pings it.
@@ -110,16 +112,41 @@ def install_liveness_check(engine: AsyncEngine, *, ping: bool) -> None:
             msg = "connection failed its ping"
             raise sa_exc.DisconnectionError(msg) from exc
 
-    def _on_connect(*_args: Any) -> None:
-        if not in_greenlet():
-            # The driver path took a waiting connection synchronously, and the
-            # pool must open a new one: stop before any coroutine is made;
-            # the driver path retries in a greenlet.
-            raise _NeedsGreenlet
-
     event.listen(pool, "checkin", _on_checkin)
     event.listen(pool, "checkout", _on_checkout)
+
+
+def install_sync_checkout(engine: AsyncEngine) -> None:
+    """Let the driver path take a waiting connection without a greenlet.
+
+    When the connection it took turns out to need replacing, the pool would
+    open a new one, which needs a greenlet: the check below stops that before
+    any coroutine is made, and the driver path retries in a greenlet.
+    """
+
+    def _on_connect(*_args: Any) -> None:
+        if not in_greenlet():
+            raise _NeedsGreenlet
+
     event.listen(engine.sync_engine, "do_connect", _on_connect)
+
+
+def install_sqlite_reset(engine: AsyncEngine) -> None:
+    """Roll back a returned SQLite connection only if a transaction is open.
+
+    SQLAlchemy's reset-on-return sends a ROLLBACK through aiosqlite's thread
+    on every return, needed or not (and needing a greenlet); the database is
+    built with `pool_reset_on_return=None` and this does the reset instead.
+    """
+
+    def _on_reset(dbapi: DBAPIConnection, _record: Any, state: Any) -> None:
+        if state.terminate_only or state.transaction_was_reset:
+            return
+        driver: Any = dbapi.driver_connection
+        if driver.in_transaction:
+            dbapi.rollback()
+
+    event.listen(engine.sync_engine.pool, "reset", _on_reset)
 
 
 class _NeedsGreenlet(Exception):
@@ -133,13 +160,17 @@ class Compiled:
     sql: str
     names: tuple[str, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
+    #: Parameters the compiler added with a value of its own (SQLite's
+    #: `OFFSET ?` after a LIMIT, say); every other name comes from the call.
+    fixed: Mapping[str, Any]
 
     def args(self, values: Mapping[str, Any]) -> list[Any]:
         """The positional arguments for `values`, converted by the column types."""
+        fixed = self.fixed
         return [
             value if process is None else process(value)
             for name, process in zip(self.names, self.processors, strict=True)
-            for value in (values[name],)
+            for value in (values[name] if name not in fixed else fixed[name],)
         ]
 
 
@@ -149,10 +180,14 @@ def compile_for(statement: ClauseElement, dialect: Dialect) -> Compiled | None:
     if compiled.literal_execute_params or compiled.post_compile_params:
         return None
     names = tuple(compiled.positiontup or ())
-    processors = tuple(
-        compiled.binds[name].type._cached_bind_processor(dialect) for name in names
-    )
-    return Compiled(compiled.string, names, processors)
+    binds = [compiled.binds[name] for name in names]
+    processors = tuple(bind.type._cached_bind_processor(dialect) for bind in binds)
+    fixed = {
+        name: bind.effective_value
+        for name, bind in zip(names, binds, strict=True)
+        if not bind.required
+    }
+    return Compiled(compiled.string, names, processors, fixed)
 
 
 class ModelPlan:
@@ -178,6 +213,8 @@ class ModelPlan:
             # UTCDateTime's converter, minus SQLAlchemy's wrapper around it.
             as_utc
             if isinstance(column.type, UTCDateTime)
+            and column.type.impl_instance._cached_result_processor(dialect, None)
+            is None
             else column.type._cached_result_processor(dialect, None)
             for column in columns
         ]
@@ -216,7 +253,7 @@ class ModelPlan:
             if (
                 compiled is not None
                 and names is not None
-                and not set(compiled.names) <= set(names)
+                and not set(compiled.names) <= {*names, *compiled.fixed}
             ):
                 compiled = None
             self._statements[key] = compiled
@@ -330,40 +367,72 @@ def driver_for(session: Session) -> Driver | None:
     return None if engine is None else _DRIVERS.get(engine)
 
 
-async def run_in_session(
-    session: AsyncSession, compiled: Compiled, values: Mapping[str, Any]
-) -> list[Any] | None:
-    """Run a read on `session`'s connection, inside its transaction.
+class _Asyncpg:
+    """How the driver path talks to asyncpg."""
 
-    `None` (take the ORM way) when the session holds unflushed changes (a
-    query would flush them first) or its transaction has not started on the
-    server yet (the ORM way starts it, with its isolation level).
-    """
-    sync = session.sync_session
-    if sync.autoflush and (sync.new or sync.deleted or sync.dirty):
-        return None
-    connection = await session.connection()
-    fairy = await connection.get_raw_connection()
-    adapter: Any = fairy.dbapi_connection
-    if getattr(adapter, "_transaction", None) is None and not getattr(
-        adapter, "autocommit", False
-    ):
-        return None
-    driver: Any = fairy.driver_connection
-    try:
-        result: list[Any] = await driver.fetch(compiled.sql, *compiled.args(values))
-    except BaseException as exc:
-        if driver.is_closed() or not _is_server_error(exc):
-            connection.sync_connection.invalidate()  # type: ignore[union-attr]
-        raise
-    return result
+    @staticmethod
+    async def fetch(driver: Any, sql: str, args: list[Any]) -> list[Any]:
+        rows: list[Any] = await driver.fetch(sql, *args)
+        return rows
+
+    @staticmethod
+    async def execute(driver: Any, sql: str, args: list[Any]) -> None:
+        await driver.execute(sql, *args)
+
+    @staticmethod
+    def is_closed(driver: Any) -> bool:
+        closed: bool = driver.is_closed()
+        return closed
+
+    @staticmethod
+    def statement_failed(exc: BaseException) -> bool:
+        """An error the server reported for the statement (the connection is fine)."""
+        return type(exc).__module__.startswith("asyncpg") and hasattr(exc, "sqlstate")
+
+    @staticmethod
+    def in_transaction(fairy: PoolProxiedConnection) -> bool:
+        # SQLAlchemy's adapter sends BEGIN lazily, with the first statement.
+        adapter: Any = fairy.dbapi_connection
+        return getattr(adapter, "_transaction", None) is not None or bool(
+            getattr(adapter, "autocommit", False)
+        )
+
+
+class _Aiosqlite:
+    """How the driver path talks to aiosqlite (one hop to its thread per call)."""
+
+    @staticmethod
+    async def fetch(driver: Any, sql: str, args: list[Any]) -> list[Any]:
+        return list(await driver.execute_fetchall(sql, args))
+
+    @staticmethod
+    async def execute(driver: Any, sql: str, args: list[Any]) -> None:
+        await driver.execute_fetchall(sql, args)
+
+    @staticmethod
+    def is_closed(_driver: Any) -> bool:
+        return False  # a file, not a server: nothing closes it behind our back
+
+    @staticmethod
+    def statement_failed(exc: BaseException) -> bool:
+        """An error SQLite reported for the statement (the connection is fine)."""
+        return isinstance(exc, sqlite3.Error)
+
+    @staticmethod
+    def in_transaction(fairy: PoolProxiedConnection) -> bool:
+        # BEGIN is sent by the engine's begin hook, with the transaction.
+        driver: Any = fairy.driver_connection
+        return bool(driver.in_transaction)
 
 
 class Driver:
-    """Runs compiled statements on asyncpg connections of a `Database`'s pool."""
+    """Runs compiled statements on the driver connections of a `Database`'s pool."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.dialect = engine.dialect
+        self._via: type[_Asyncpg | _Aiosqlite] = (
+            _Asyncpg if self.dialect.name == "postgresql" else _Aiosqlite
+        )
         self._pool: Any = engine.sync_engine.pool
         idle = getattr(self._pool, "checkedin", None)
         # Taking a waiting connection needs no I/O, so no greenlet (that saves
@@ -413,12 +482,12 @@ class Driver:
         replaced and the statement sent once more.
         """
         args = compiled.args(values)
+        via = self._via
 
         async def statement(driver: Any) -> list[Any]:
             if rows:
-                result: list[Any] = await driver.fetch(compiled.sql, *args)
-                return result
-            await driver.execute(compiled.sql, *args)
+                return await via.fetch(driver, compiled.sql, args)
+            await via.execute(driver, compiled.sql, args)
             return []
 
         return await self.use(statement, retry=retry)
@@ -426,19 +495,20 @@ class Driver:
     async def use(
         self, work: Callable[[Any], Awaitable[_T]], *, retry: bool = False
     ) -> _T:
-        """Run `work(asyncpg_connection)` on a pooled connection, outside a transaction.
+        """Run `work(driver_connection)` on a pooled connection, outside a transaction.
 
-        A connection that fails for any reason other than an error the server
-        reported (cancellation, a timeout, a lost socket) is closed, not handed
-        out again: its state is unknown. With `retry`, work that found its
-        connection gone is run once more on another.
+        A connection that fails for any reason other than an error the
+        database reported for the statement (cancellation, a timeout, a lost
+        socket) is closed, not handed out again: its state is unknown. With
+        `retry`, work that found its connection gone runs once more on another.
         """
         fairy = await self._checkout()
         driver: Any = fairy.driver_connection
         try:
             result = await work(driver)
         except BaseException as exc:
-            broken = driver.is_closed() or not _is_server_error(exc)
+            via = self._via
+            broken = via.is_closed(driver) or not via.statement_failed(exc)
             if broken:
                 fairy.invalidate()
             else:
@@ -449,10 +519,30 @@ class Driver:
         fairy.close()
         return result
 
+    async def run_in(
+        self, session: AsyncSession, compiled: Compiled, values: Mapping[str, Any]
+    ) -> list[Any] | None:
+        """Run a read on `session`'s connection, inside its transaction.
 
-def _is_server_error(exc: BaseException) -> bool:
-    """An error the server reported for the statement (the connection is fine)."""
-    return type(exc).__module__.startswith("asyncpg") and hasattr(exc, "sqlstate")
+        `None` (take the ORM way) when the session holds unflushed changes (a
+        query would flush them first) or its transaction has not started on
+        the database yet (the ORM way starts it, with its isolation level).
+        """
+        sync = session.sync_session
+        if sync.autoflush and (sync.new or sync.deleted or sync.dirty):
+            return None
+        connection = await session.connection()
+        fairy = await connection.get_raw_connection()
+        via = self._via
+        if not via.in_transaction(fairy):
+            return None
+        driver: Any = fairy.driver_connection
+        try:
+            return await via.fetch(driver, compiled.sql, compiled.args(values))
+        except BaseException as exc:
+            if via.is_closed(driver) or not via.statement_failed(exc):
+                connection.sync_connection.invalidate()  # type: ignore[union-attr]
+            raise
 
 
 def _is_lost(exc: Exception) -> bool:

@@ -16,7 +16,12 @@ from .._registry import Default
 from ..config import DatabaseConfig
 from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
-from ._fast import Driver, install_liveness_check
+from ._fast import (
+    Driver,
+    install_liveness_check,
+    install_sqlite_reset,
+    install_sync_checkout,
+)
 from .models import DBBaseModel
 from .session import AsyncSession
 
@@ -79,8 +84,15 @@ class Database:
         self.driver: Driver | None = None
         if self.dialect == "sqlite":
             _install_sqlite_hooks(self.engine, config)
+            if not _is_memory(config):
+                # A memory database is one connection shared by every
+                # session (StaticPool): no call may run beside a transaction.
+                install_sqlite_reset(self.engine)
+                install_sync_checkout(self.engine)
+                self.driver = Driver(self.engine)
         else:
             install_liveness_check(self.engine, ping=config.pool_pre_ping)
+            install_sync_checkout(self.engine)
             self.driver = Driver(self.engine)
         self.session_factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, class_=AsyncSession, expire_on_commit=False
@@ -207,6 +219,11 @@ def _sqlite_options(config: DatabaseConfig) -> dict[str, Any]:
         options: dict[str, Any] = {"echo": config.echo}
     else:
         options = _pool_options(config)
+        # A local file has no server to restart: no ping. The reset on return
+        # is `install_sqlite_reset`'s, which rolls back only an open
+        # transaction instead of sending ROLLBACK through aiosqlite's thread.
+        options["pool_pre_ping"] = False
+        options["pool_reset_on_return"] = None
     # sqlite3's own busy handler (`timeout`, 5 s by default) would otherwise
     # outlast a shorter PRAGMA busy_timeout.
     options["connect_args"] = {"timeout": config.sqlite_busy_timeout}

@@ -58,7 +58,7 @@ from ..exceptions import (
     translate_errors,
 )
 from ..tenancy import current_user_id
-from ._fast import driver_for, run_in_session
+from ._fast import driver_for
 from ._types import utc_now
 from ._validation import (
     batch_allocation,
@@ -348,7 +348,7 @@ class AsyncRepository(Generic[ModelT]):
             if is_tenant_model(self.model):
                 bind_session(session.sync_session, current_scope())
             with session._in_use():
-                return await run_in_session(session, compiled, values)
+                return await plan.driver.run_in(session, compiled, values)
 
     def _rows(self, via: _Via, records: Sequence[Any]) -> builtins.list[ModelT]:
         """Model objects for `records`: detached, or the session's own."""
@@ -689,7 +689,7 @@ class AsyncRepository(Generic[ModelT]):
         table = self.model.__table__
         columns = [column.key for column in table.columns]
         via = self._via(write=True)
-        if via is not None:
+        if via is not None and via.plan.dialect.name == "postgresql":
             # One COPY in autocommit: atomic on its own, no BEGIN / COMMIT.
             self._check_tenant(rows)
             records = _tuples(rows, columns)
