@@ -98,6 +98,7 @@ from .scoping import (
     current_scope,
     has_soft_delete,
     is_tenant_model,
+    live,
 )
 from .transaction import TransactionManager, current_transaction
 
@@ -172,7 +173,7 @@ class _Where:
             tenant = column["tenant_id"]
             clauses.append(tenant == bindparam("dotmac_tenant", type_=tenant.type))
         if self.deleted == "live":
-            clauses.append(column["deleted_at"].is_(None))
+            clauses.append(live(column["deleted_at"]))
         elif self.deleted == "only":
             clauses.append(column["deleted_at"].is_not(None))
         return clauses

@@ -24,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, event, inspect
+from sqlalchemy import ColumnElement, Table, event, inspect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm import Session as SASession
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Session
 from sqlmodel.main import default_registry
 
@@ -139,6 +141,34 @@ def _describe(scope: Scope) -> str:
     return "every tenant (bypass)" if scope.bypass else "no tenant"
 
 
+class _Unindexed(FunctionElement[Any]):
+    """A column that no index may serve on SQLite (`+column`); itself elsewhere.
+
+    SQLite's planner takes the `deleted_at` index for `deleted_at IS NULL`
+    once ANALYZE has run (its statistics average over all values, and the
+    NULLs are nearly every row), scanning the whole table instead of the
+    tenant's index: 90 times slower for a count of one tenant's rows.
+    """
+
+    inherit_cache = True
+    name = "unindexed"
+
+
+@compiles(_Unindexed)
+def _compile_unindexed(element: _Unindexed, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(_Unindexed, "sqlite")
+def _compile_unindexed_sqlite(element: _Unindexed, compiler: Any, **kw: Any) -> str:
+    return "+" + str(compiler.process(element.clauses, **kw))
+
+
+def live(column: Any) -> ColumnElement[bool]:
+    """The criterion for rows that are not soft-deleted (`deleted_at IS NULL`)."""
+    return _Unindexed(column).is_(None)
+
+
 def _criteria(
     model: type[Any], scope: Scope, include_deleted: bool, only_deleted: bool
 ) -> list[Any]:
@@ -161,7 +191,7 @@ def _criteria(
         elif not include_deleted:
             options.append(
                 with_loader_criteria(
-                    model, lambda cls: cls.deleted_at.is_(None), include_aliases=True
+                    model, lambda cls: live(cls.deleted_at), include_aliases=True
                 )
             )
     return options
