@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect
     from sqlalchemy.engine.interfaces import DBAPIConnection
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
     from sqlalchemy.sql import ClauseElement
@@ -72,6 +72,7 @@ _object_new = object.__new__
 _set = object.__setattr__
 
 _CHECKED_IN = "dotmac_checked_in"
+_CONNECTION = "dotmac_driver_connection"
 _NEEDS_PING = "dotmac_needs_ping"
 
 
@@ -531,8 +532,23 @@ class Driver:
         sync = session.sync_session
         if sync.autoflush and (sync.new or sync.deleted or sync.dirty):
             return None
-        connection = await session.connection()
-        fairy = await connection.get_raw_connection()
+        # The connection of the session's current transaction, remembered for
+        # the transaction's life: asking the session costs a greenlet each time.
+        transaction = sync.get_transaction()
+        known: tuple[Any, AsyncConnection, PoolProxiedConnection] | None
+        known = sync.info.get(_CONNECTION)
+        connection: AsyncConnection
+        if (
+            known is not None
+            and transaction is not None
+            and known[0] is transaction
+            and known[2].is_valid
+        ):
+            _, connection, fairy = known
+        else:
+            connection = await session.connection()
+            fairy = await connection.get_raw_connection()
+            sync.info[_CONNECTION] = (sync.get_transaction(), connection, fairy)
         via = self._via
         if not via.in_transaction(fairy):
             return None
@@ -541,7 +557,9 @@ class Driver:
             return await via.fetch(driver, compiled.sql, compiled.args(values))
         except BaseException as exc:
             if via.is_closed(driver) or not via.statement_failed(exc):
-                connection.sync_connection.invalidate()  # type: ignore[union-attr]
+                sync_connection = connection.sync_connection
+                if sync_connection is not None:
+                    sync_connection.invalidate()
             raise
 
 
