@@ -103,7 +103,7 @@ class DatabaseConfig(_Settings):
     pool_recycle: float | None = Field(default=1800.0, gt=0)
     """Seconds after which a pooled connection is replaced; `None` never."""
     pool_pre_ping: bool = True
-    """Check a pooled connection before use, so a restarted server costs no error."""
+    """Ping a pooled PostgreSQL connection idle for over 2 s before use."""
     statement_timeout: float | None = Field(default=None, gt=0)
     """Server-side limit per statement in seconds (PostgreSQL `statement_timeout`)."""
     command_timeout: float | None = Field(default=None, gt=0)

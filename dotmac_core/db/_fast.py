@@ -127,7 +127,8 @@ def install_sync_checkout(engine: AsyncEngine) -> None:
 
     def _on_connect(*_args: Any) -> None:
         if not in_greenlet():
-            raise _NeedsGreenlet
+            msg = "opening a connection needs a greenlet (greenlet_spawn)"
+            raise _NeedsGreenlet(msg)
 
     event.listen(engine.sync_engine, "do_connect", _on_connect)
 
@@ -143,6 +144,8 @@ def install_sqlite_reset(engine: AsyncEngine) -> None:
     def _on_reset(dbapi: DBAPIConnection, _record: Any, state: Any) -> None:
         if state.terminate_only or state.transaction_was_reset:
             return
+        if not state.asyncio_safe:
+            return  # collected outside the loop: the pool terminates it
         driver: Any = dbapi.driver_connection
         if driver.in_transaction:
             dbapi.rollback()
@@ -150,7 +153,7 @@ def install_sqlite_reset(engine: AsyncEngine) -> None:
     event.listen(engine.sync_engine.pool, "reset", _on_reset)
 
 
-class _NeedsGreenlet(Exception):
+class _NeedsGreenlet(sa_exc.MissingGreenlet):
     """A synchronous checkout found that it has to open a connection."""
 
 

@@ -7,7 +7,8 @@ class UserRepository(AsyncRepository[User]):
 ```
 
 `UserRepository()` joins the transaction of the surrounding
-`TransactionManager`, or runs each call in its own short transaction;
+`TransactionManager`, or runs each call on its own (one statement in
+autocommit where the call is one statement, see `_fast.py`);
 `UserRepository(session)` works on that session (and leaves committing to its
 owner). Every call is scoped to the current tenant and hides soft-deleted rows
 unless asked; every error it raises is a `DotMacError`.
@@ -1028,13 +1029,12 @@ class AsyncRepository(Generic[ModelT]):
                             total = 0
                         else:  # past the end: no row carried the total
                             total = await self._driver_count(via, where, values)
-                    rows = self._rows(via, records)
                     return PaginationResult[ModelT].build(
-                        rows[:size],
+                        self._rows(via, records[:size]),
                         page=page,
                         size=size,
                         total=total,
-                        more=len(rows) > size,
+                        more=len(records) > size,
                     )
         statement = self._select(
             filters,
@@ -1109,14 +1109,14 @@ class AsyncRepository(Generic[ModelT]):
                 coerce_value(self.model, spec.name, value)
                 for spec, value in zip(order, raw, strict=True)
             ]
-        rows = await self._keyset_rows(filters, order, position, size + 1)
+        rows, more = await self._keyset_rows(filters, order, position, size)
         next_cursor = None
-        if len(rows) > size:
-            last = rows[size - 1]
+        if more:
+            last = rows[-1]
             position = [to_jsonable_python(getattr(last, spec.name)) for spec in order]
             next_cursor = encode_cursor(binding, position, self._security)
         return CursorPage[ModelT].model_construct(
-            items=rows[:size], next_cursor=next_cursor, size=size
+            items=rows, next_cursor=next_cursor, size=size
         )
 
     async def _keyset_rows(
@@ -1124,12 +1124,13 @@ class AsyncRepository(Generic[ModelT]):
         filters: Mapping[str, Any] | None,
         order: Sequence[OrderSpec],
         position: Sequence[Any] | None,
-        limit: int,
-    ) -> builtins.list[ModelT]:
+        size: int,
+    ) -> tuple[builtins.list[ModelT], bool]:
+        """Up to `size` rows after `position`, and whether more follow."""
         via = self._via()
         if via is not None:
             plan = via.plan
-            values: dict[str, Any] = {"dotmac_limit": limit}
+            values: dict[str, Any] = {"dotmac_limit": size + 1}
             where = self._where(filters, values)
             if where is not None:
                 after = position is not None
@@ -1144,14 +1145,16 @@ class AsyncRepository(Generic[ModelT]):
                     values,
                 )
                 if records is not None:
-                    return self._rows(via, records)
+                    # The extra row only says that more follow: no object.
+                    return self._rows(via, records[:size]), len(records) > size
         statement = self._select(
             filters, order, include_deleted=False, only_deleted=False
         )
         if position is not None:
             statement = statement.where(self._after(order, position))
         async with self._use(read_only=True) as session:
-            return builtins.list((await session.exec(statement.limit(limit))).all())
+            rows = builtins.list((await session.exec(statement.limit(size + 1))).all())
+        return rows[:size], len(rows) > size
 
     def _after(
         self,
