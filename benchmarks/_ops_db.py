@@ -6,15 +6,13 @@ Who runs what, per call:
   on one held connection in autocommit (the concurrent get uses the driver's
   pool). Hand-written SQL carries the same tenant and soft-delete conditions.
 - **SQLAlchemy Core**: a statement built once, run the plain Core way on
-  dotmac_core's own engine (its pool, its pre-ping): `engine.connect()` per
-  read (implicit BEGIN, ROLLBACK on close), `engine.begin()` per write; the
-  held-session get holds one connection. The gap between raw and Core is
-  SQLAlchemy's engine, its pool (with pre-ping) and the BEGIN / ROLLBACK or
-  COMMIT around each call; the gap between Core and dotmac_core is mostly the
-  ORM and the toolkit.
+  dotmac_core's own engine (its pool and checkout check): `engine.connect()`
+  per read (implicit BEGIN, ROLLBACK on close), `engine.begin()` per write;
+  the held-session get holds one connection.
 - **dotmac_core**: the public repository API as documented, outside any
-  explicit transaction (each call runs its own), with tenant and soft-delete
-  scoping on (`tenant_scope`, a `TenantBaseModel` + `AuditMixin` table).
+  explicit transaction (each call one statement on the driver, or its own
+  transaction), with tenant and soft-delete scoping on (`tenant_scope`, a
+  `TenantBaseModel` + `AuditMixin` table).
 """
 
 from __future__ import annotations
@@ -190,7 +188,8 @@ async def get_held(bench: Bench) -> Operation:
         what={
             "raw": "`fetchrow` on a held connection",
             "core": "prebuilt select() on a held `AsyncConnection`",
-            "dotmac": "`Items(session).get_by_id(id)` on a held `db.session()`",
+            "dotmac": "`Items(session).get_by_id(id)` on a held `db.session()` "
+            "(on the session's connection, inside its transaction)",
         },
         close=[conn.close, session.close],
     )
@@ -228,7 +227,7 @@ async def get_pool(bench: Bench) -> Operation:
         what={
             "raw": "`Pool.fetchrow` (asyncpg) / a queue of 20 connections (aiosqlite)",
             "core": _WHAT_CORE_READ,
-            "dotmac": "`Items().get_by_id(id)`: its own short read-only transaction",
+            "dotmac": "`Items().get_by_id(id)`: one statement in autocommit",
         },
         batch=TASKS,
     )
@@ -280,7 +279,7 @@ async def insert_one(bench: Bench) -> Operation:
         what={
             "raw": "autocommit `INSERT` on a held connection",
             "core": _WHAT_CORE_WRITE,
-            "dotmac": "`BulkItems().create({...})` outside a transaction",
+            "dotmac": "`BulkItems().create({...})`: one INSERT in autocommit",
         },
     )
 
@@ -321,7 +320,7 @@ async def update_one(bench: Bench) -> Operation:
         what={
             "raw": "autocommit `UPDATE ... RETURNING` on a held connection",
             "core": _WHAT_CORE_WRITE + " (`UPDATE ... RETURNING`)",
-            "dotmac": "`Items().update(id, {...})` outside a transaction",
+            "dotmac": "`Items().update(id, {...})`: one UPDATE ... RETURNING",
         },
     )
 
@@ -366,7 +365,8 @@ async def bulk_insert(bench: Bench) -> Operation:
     what = {
         "raw": "`executemany` in one transaction (aiosqlite: BEGIN ... COMMIT)",
         "core": "`conn.execute(insert(table), rows)` in `engine.begin()`",
-        "dotmac": "`BulkItems().create_many(items)` outside a transaction",
+        "dotmac": "`BulkItems().create_many(items)`: COPY in autocommit "
+        "(PostgreSQL), executemany in a transaction (SQLite)",
     }
     if isinstance(raw, AsyncpgDriver):
         pg = raw
@@ -447,7 +447,8 @@ async def page_total(bench: Bench) -> Operation:
         what={
             "raw": "two queries (page, `count(*)`) on a held connection",
             "core": _WHAT_CORE_READ + ", two statements",
-            "dotmac": "`Items().list_paginated(page, size=50)`",
+            "dotmac": "`Items().list_paginated(page, size=50)`: page and total "
+            "in one query",
         },
     )
 

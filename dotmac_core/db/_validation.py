@@ -112,16 +112,17 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
         if field.default_factory is uuid7
     ]
     ids = uuid7_batch(len(given)) if len(keys) == 1 else None
-    data = [
-        item.model_dump()
-        if isinstance(item, model)
-        else {**shared, keys[0]: ids[i], **item}
-        if ids is not None and isinstance(item, Mapping)
-        else {**shared, **item}
-        if isinstance(item, Mapping)
-        else item
-        for i, item in enumerate(given)
-    ]
+    data: list[object] = []
+    for i, item in enumerate(given):
+        if type(item) is dict or (
+            isinstance(item, Mapping) and not isinstance(item, model)
+        ):
+            merged = {**shared, **item}
+            if ids is not None and keys[0] not in merged:
+                merged[keys[0]] = ids[i]
+            data.append(merged)
+        else:
+            data.append(item.model_dump() if isinstance(item, model) else item)
     adapter = _LIST_ADAPTERS.get(model)
     if adapter is None:
         schema: Any = list[input_model(model)]  # type: ignore[misc]
@@ -231,17 +232,29 @@ def detached_row(model: type[ModelT], values: Mapping[str, Any]) -> ModelT:
     SQLModel's `__new__` sets them; the identity key marks the object
     detached, so adding it to a session later means UPDATE, not INSERT.
     """
-    maker = row_maker(model)
-    obj: ModelT = _object_new(maker.cls)
-    _set(obj, "__pydantic_fields_set__", set(values))
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
-    state = maker.state(obj, maker.manager)
-    state.key = (maker.identity, (values[maker.pk],), None)
-    contents = dict(values)
-    contents["_sa_instance_state"] = state
-    _set(obj, "__dict__", contents)
-    return obj
+    (row,) = detached_rows(model, (values,))
+    return row
+
+
+def detached_rows(
+    model: type[ModelT], rows: Iterable[Mapping[str, Any]]
+) -> list[ModelT]:
+    """`detached_row` for many rows (the model's facts looked up once)."""
+    cls, make_state, manager, identity, pk = row_maker(model)
+    new, put = _object_new, _set
+    made: list[ModelT] = []
+    for values in rows:
+        obj = new(cls)
+        put(obj, "__pydantic_fields_set__", set(values))
+        put(obj, "__pydantic_extra__", None)
+        put(obj, "__pydantic_private__", None)
+        state = make_state(obj, manager)
+        state.key = (identity, (values[pk],), None)
+        contents = dict(values)
+        contents["_sa_instance_state"] = state
+        put(obj, "__dict__", contents)
+        made.append(obj)
+    return made
 
 
 _object_new = object.__new__

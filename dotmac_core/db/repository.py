@@ -63,7 +63,7 @@ from ._fast import driver_for
 from ._types import utc_now
 from ._validation import (
     batch_allocation,
-    detached_row,
+    detached_rows,
     validated,
     validated_changes,
     validated_rows,
@@ -705,7 +705,7 @@ class AsyncRepository(Generic[ModelT]):
                     )
                 )
             with batch_allocation():
-                return [detached_row(self.model, row) for row in rows]
+                return detached_rows(self.model, rows)
         async with self._use() as session:
             scope = self._check_tenant(rows)
             if scope is not None:
@@ -722,7 +722,7 @@ class AsyncRepository(Generic[ModelT]):
             else:
                 await session.exec(sa_insert(table), params=rows)
         with batch_allocation():
-            return [detached_row(self.model, row) for row in rows]
+            return detached_rows(self.model, rows)
 
     async def update(self, id: Any, data: Mapping[str, Any]) -> ModelT:
         """Apply the changes in `data` to the row with this key; return it.
