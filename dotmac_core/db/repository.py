@@ -16,6 +16,7 @@ unless asked; every error it raises is a `DotMacError`.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -695,8 +696,8 @@ class AsyncRepository(Generic[ModelT]):
             # One COPY in autocommit: atomic on its own, no BEGIN / COMMIT.
             self._check_tenant(rows)
             records = _tuples(rows, columns)
-            with translate_errors():
-                await via.plan.driver.use(
+            copy = asyncio.ensure_future(
+                via.plan.driver.use(
                     lambda driver: driver.copy_records_to_table(
                         table.name,
                         schema_name=table.schema,
@@ -704,8 +705,19 @@ class AsyncRepository(Generic[ModelT]):
                         records=records,
                     )
                 )
-            with batch_allocation():
-                return detached_rows(self.model, rows)
+            )
+            try:
+                # The objects are built while the server ingests the rows:
+                # the COPY's own Python work runs first (the task starts at
+                # the first await), then this fills the wait for the server.
+                await asyncio.sleep(0)
+                with batch_allocation():
+                    made = detached_rows(self.model, rows)
+                with translate_errors():
+                    await copy
+            finally:
+                copy.cancel()  # a no-op once done; stops it if we were cancelled
+            return made
         async with self._use() as session:
             scope = self._check_tenant(rows)
             if scope is not None:
