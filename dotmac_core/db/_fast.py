@@ -1,4 +1,4 @@
-"""The driver path: one-statement calls run straight on asyncpg (private).
+"""The driver path: one-statement calls run straight on the driver (private).
 
 A repository call made outside any transaction that needs one statement (a
 get, a page, an insert, an update) needs no session, no unit of work and no
@@ -6,9 +6,10 @@ BEGIN / COMMIT: it runs in autocommit, one round trip, on a connection taken
 from the `Database`'s own SQLAlchemy pool. The statement is a SQLAlchemy Core
 statement with the tenant and soft-delete criteria written into it, compiled
 once per shape (model, operation, filter names, order, flags) and executed
-with asyncpg's prepared statements; rows become model objects without the
-ORM's loading machinery, converted by the column types' own result
-processors, and come back detached, as rows read by a closed session do.
+with asyncpg's prepared statements, or through aiosqlite on a SQLite file;
+rows become model objects without the ORM's loading machinery, converted by
+the column types' own result processors, and come back detached, as rows
+read by a closed session do.
 
 Pool checkout normally needs no greenlet: when a connection waits in the pool,
 taking it is synchronous. The liveness check replacing SQLAlchemy's

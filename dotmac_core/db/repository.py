@@ -98,9 +98,9 @@ from .scoping import (
     Scope,
     bind_session,
     current_scope,
+    deleted_criterion,
     has_soft_delete,
     is_tenant_model,
-    live,
 )
 from .transaction import TransactionManager, current_transaction
 
@@ -174,10 +174,9 @@ class _Where:
         if self.tenant:
             tenant = column["tenant_id"]
             clauses.append(tenant == bindparam("dotmac_tenant", type_=tenant.type))
-        if self.deleted == "live":
-            clauses.append(live(column["deleted_at"]))
-        elif self.deleted == "only":
-            clauses.append(column["deleted_at"].is_not(None))
+        if self.deleted in ("live", "only"):
+            only = self.deleted == "only"
+            clauses.append(deleted_criterion(column["deleted_at"], only_deleted=only))
         return clauses
 
 
@@ -278,9 +277,10 @@ class AsyncRepository(Generic[ModelT]):
     def _via(self, *, write: bool = False) -> _Via | None:
         """How this call may run on the driver, or `None` for the ORM way.
 
-        Outside any transaction on PostgreSQL: on a pooled connection, one
-        statement in autocommit. Reads on a session (given or ambient): on its
-        connection, inside its transaction, when it already has one going.
+        Outside any transaction (PostgreSQL, SQLite files): on a pooled
+        connection, one statement in autocommit. Reads on a session (given or
+        ambient): on its connection, inside its transaction, once that has
+        started.
         """
         session = self._session
         if session is None:

@@ -169,6 +169,15 @@ def live(column: Any) -> ColumnElement[bool]:
     return _Unindexed(column).is_(None)
 
 
+def deleted_criterion(deleted_at: Any, *, only_deleted: bool) -> ColumnElement[bool]:
+    """Soft-delete scoping on `deleted_at`: live rows, or only deleted ones.
+
+    The one definition both ways of running a query use: the ORM's loader
+    criteria and the driver path's compiled statements.
+    """
+    return deleted_at.is_not(None) if only_deleted else live(deleted_at)
+
+
 def _criteria(
     model: type[Any], scope: Scope, include_deleted: bool, only_deleted: bool
 ) -> list[Any]:
@@ -181,20 +190,19 @@ def _criteria(
                     model, lambda cls: cls.tenant_id == tenant, include_aliases=True
                 )
             )
-    if has_soft_delete(model):
-        if only_deleted:
-            options.append(
-                with_loader_criteria(
-                    model, lambda cls: cls.deleted_at.is_not(None), include_aliases=True
-                )
-            )
-        elif not include_deleted:
-            options.append(
-                with_loader_criteria(
-                    model, lambda cls: live(cls.deleted_at), include_aliases=True
-                )
-            )
+    if has_soft_delete(model) and (only_deleted or not include_deleted):
+        criterion = _only_deleted if only_deleted else _not_deleted
+        options.append(with_loader_criteria(model, criterion, include_aliases=True))
     return options
+
+
+# Loader criteria callables are cached by their code: one function per case.
+def _only_deleted(cls: Any) -> ColumnElement[bool]:
+    return deleted_criterion(cls.deleted_at, only_deleted=True)
+
+
+def _not_deleted(cls: Any) -> ColumnElement[bool]:
+    return deleted_criterion(cls.deleted_at, only_deleted=False)
 
 
 @event.listens_for(ScopedSession, "do_orm_execute")
