@@ -80,6 +80,16 @@ def uuid7_batch(count: int) -> list[uuid.UUID]:
 _RAND_B = (1 << 62) - 1
 
 
+def _after_fork_in_child() -> None:
+    """A forked worker must not reuse its parent's unread random bytes."""
+    global _random, _uuid7_lock
+    _random = b""
+    _uuid7_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -18,7 +20,7 @@ from dotmac_core import (
     snake_case,
     tenant_scope,
 )
-from dotmac_core.db._types import UTCDateTime, uuid7
+from dotmac_core.db._types import UTCDateTime, uuid7, uuid7_batch
 
 from ..models import Invoice, InvoiceSchema, LoginHistory, Shipment, UserProfile
 
@@ -150,6 +152,31 @@ def test_uuid7_is_time_ordered() -> None:
     millis = first.int >> 80
     assert abs(millis / 1000 - time.time()) < 5
     assert len({uuid7() for _ in range(1000)}) == 1000
+
+
+def test_uuid7_batch_is_ordered_and_unique() -> None:
+    """A batch of 20,000 ids (several per millisecond) is strictly increasing."""
+    ids = uuid7_batch(20_000)
+    assert all(a < b for a, b in itertools.pairwise(ids))
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids[:100])
+    assert str(ids[0]) == str(uuid.UUID(str(ids[0])))
+    assert uuid7() > ids[-1]
+
+
+def test_forked_child_makes_its_own_random_bits() -> None:
+    """A forked worker does not replay its parent's buffered randomness."""
+    uuid7()  # the parent now holds unread random bytes
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child process
+        os.write(write, uuid7().bytes)
+        os._exit(0)
+    os.close(write)
+    theirs = os.read(read, 16)
+    os.close(read)
+    os.waitpid(child, 0)
+    ours = uuid7().bytes
+    assert theirs[8:] != ours[8:]  # the 62 random bits differ
 
 
 def test_utc_datetime_binding() -> None:
