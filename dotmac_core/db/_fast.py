@@ -33,7 +33,7 @@ from sqlalchemy.util import await_, greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._types import UTCDateTime, as_utc
-from ._validation import RowMaker, detached_row, row_maker
+from ._validation import RowMaker, row_maker
 
 if TYPE_CHECKING:
     from collections.abc import (
@@ -286,10 +286,6 @@ class ModelPlan:
             objects.append(existing)
         return objects
 
-    def detached(self, values: Mapping[str, Any]) -> Any:
-        """A detached model object from validated values (a row just written)."""
-        return detached_row(self.model, values)
-
 
 def _row_builder(
     maker: RowMaker, keys: Sequence[str], converters: Sequence[Any]
@@ -512,8 +508,7 @@ class Driver:
         try:
             result = await work(driver)
         except BaseException as exc:
-            via = self._via
-            broken = via.is_closed(driver) or not via.statement_failed(exc)
+            broken = self._broken(driver, exc)
             if broken:
                 fairy.invalidate()
             else:
@@ -523,6 +518,14 @@ class Driver:
             raise
         fairy.close()
         return result
+
+    def _broken(self, driver: Any, exc: BaseException) -> bool:
+        """Whether `exc` leaves `driver`'s connection in an unknown state.
+
+        Only an error the database reported for the statement leaves it
+        usable; cancellation, a timeout or a lost socket do not.
+        """
+        return self._via.is_closed(driver) or not self._via.statement_failed(exc)
 
     async def run_in(
         self, session: AsyncSession, compiled: Compiled, values: Mapping[str, Any]
@@ -560,7 +563,7 @@ class Driver:
         try:
             return await via.fetch(driver, compiled.sql, compiled.args(values))
         except BaseException as exc:
-            if via.is_closed(driver) or not via.statement_failed(exc):
+            if self._broken(driver, exc):
                 sync_connection = connection.sync_connection
                 if sync_connection is not None:
                     sync_connection.invalidate()

@@ -64,6 +64,7 @@ from ._fast import driver_for
 from ._types import utc_now
 from ._validation import (
     batch_allocation,
+    detached_row,
     detached_rows,
     validated,
     validated_changes,
@@ -247,12 +248,15 @@ class AsyncRepository(Generic[ModelT]):
             async with TransactionManager(db) as tx:
                 yield tx.session
 
-    def _options(
-        self, *, include_deleted: bool = False, only_deleted: bool = False
-    ) -> dict[str, Any]:
+    def _check_only_deleted(self, only_deleted: bool) -> None:
         if only_deleted and not has_soft_delete(self.model):
             msg = f"{self.model.__name__} has no soft delete: only_deleted is invalid"
             raise ValidationError(msg, field="only_deleted")
+
+    def _options(
+        self, *, include_deleted: bool = False, only_deleted: bool = False
+    ) -> dict[str, Any]:
+        self._check_only_deleted(only_deleted)
         return {
             INCLUDE_DELETED: include_deleted,
             ONLY_DELETED: only_deleted,
@@ -307,7 +311,7 @@ class AsyncRepository(Generic[ModelT]):
 
         `None` when a filter needs per-call SQL (`in` / `not_in` lists).
         """
-        self._options(include_deleted=include_deleted, only_deleted=only_deleted)
+        self._check_only_deleted(only_deleted)
         shape = []
         for i, term in enumerate(parse_filters(self.model, filters)):
             if term.op in ("in", "not_in"):
@@ -656,7 +660,7 @@ class AsyncRepository(Generic[ModelT]):
                 retry=False,
             )
             if done is not None:
-                created: ModelT = plan.detached(values)
+                created: ModelT = detached_row(self.model, values)
                 return created
         row: ModelT = validated(self.model, data)
         async with self._use() as session:
