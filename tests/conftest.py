@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -21,6 +23,7 @@ from dotmac_core import (
     DatabaseConfig,
     DBBaseModel,
     DotMacError,
+    TransactionManager,
     configure_database,
     tenant_scope,
 )
@@ -100,6 +103,78 @@ async def session(db: Database) -> AsyncIterator[AsyncSession]:
         ) as sess:
             yield sess
         await outer.rollback()
+
+
+def _observe_statements(db: Database) -> Callable[[], None]:
+    """Put a statement listener on `db`'s engine; return what removes it.
+
+    A call that someone observes runs through SQLAlchemy's own execution
+    (session, ORM loading, engine events), never on the raw driver.
+    """
+    engine = db.engine.sync_engine
+
+    def observe(*_args: Any) -> None:
+        return None
+
+    event.listen(engine, "before_cursor_execute", observe)
+    return lambda: event.remove(engine, "before_cursor_execute", observe)
+
+
+@pytest.fixture(params=["driver", "session"])
+def executor(request: pytest.FixtureRequest, db: Database) -> Iterator[str]:
+    """Which way repository calls run: `driver` (the default) or `session`.
+
+    `session` observes the engine's statements for the test (see
+    `_observe_statements`), so every call of the test runs through SQLAlchemy.
+    """
+    if request.param == "driver":
+        yield "driver"
+        return
+    stop = _observe_statements(db)
+    try:
+        yield "session"
+    finally:
+        stop()
+
+
+class Route:
+    """How a test's repository calls run; `async with route.scope():` around them.
+
+    - `driver`: outside any transaction, unobserved: one statement on a pooled
+      driver connection where the call allows it.
+    - `session`: outside any transaction, observed: SQLAlchemy's session and
+      ORM loading, in a session or short transaction of the call's own.
+    - `transaction`: inside a `TransactionManager` (committed on exit),
+      unobserved: writes through the session, reads on its connection.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        """The context one step's calls run in: a transaction for `transaction`."""
+        if self.name != "transaction":
+            yield
+            return
+        async with TransactionManager():
+            yield
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r})"
+
+
+@pytest.fixture(params=["driver", "session", "transaction"])
+def route(request: pytest.FixtureRequest, repo_db: Database) -> Iterator[Route]:
+    """Each of the three ways a repository call can run (see `Route`)."""
+    if request.param != "session":
+        yield Route(request.param)
+        return
+    stop = _observe_statements(repo_db)
+    try:
+        yield Route("session")
+    finally:
+        stop()
 
 
 @pytest.fixture
