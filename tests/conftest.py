@@ -7,11 +7,13 @@ in the reason, or fails them when `CI=true` or `DOTMAC_REQUIRE_SERVICES=1`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import event
@@ -37,10 +39,58 @@ from .redis_servers import (  # noqa: F401 - fixtures shared by the whole suite
     redis_url,
 )
 
-PG_URL = os.environ.get(
+#: The PostgreSQL server the suite may use; its database is only the door in.
+PG_SERVER_URL = os.environ.get(
     "DOTMAC_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
+#: This run's own database on that server: made at the start, dropped at the end,
+#: so two runs on one machine never touch each other's tables.
+PG_URL = (
+    make_url(PG_SERVER_URL)
+    .set(database=f"dotmac_test_{os.getpid()}_{uuid4().hex[:8]}")
+    .render_as_string(hide_password=False)
+)
 REDIS_URL = os.environ.get("DOTMAC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def _run_database(action: str) -> None:
+    """CREATE or DROP this run's database, through the server's own database."""
+    import asyncpg
+
+    server = make_url(PG_SERVER_URL)
+    name = make_url(PG_URL).database
+    conn = await asyncpg.connect(
+        host=server.host,
+        port=server.port or 5432,
+        user=server.username,
+        password=server.password,
+        database=server.database,
+        timeout=5,
+    )
+    try:
+        if action == "create":
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        else:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Make this run's PostgreSQL database (its tests report a server that is down)."""
+    try:
+        asyncio.run(_run_database("create"))
+    except Exception as exc:  # noqa: BLE001 - unreachable or refused: tests report it
+        session.config.stash[_PG_DOWN] = exc
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop this run's PostgreSQL database."""
+    if _PG_DOWN not in session.config.stash:
+        asyncio.run(_run_database("drop"))
+
+
+_PG_DOWN = pytest.StashKey[BaseException]()
 
 
 def services_required() -> bool:
