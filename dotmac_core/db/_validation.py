@@ -8,18 +8,15 @@ would store an over-long string) as on PostgreSQL.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Annotated, Any, NamedTuple, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, TypeVar
 
 import pydantic
-from sqlalchemy import inspect
-from sqlalchemy.orm import configure_mappers
 from sqlmodel import SQLModel
 
 from ..exceptions import DotMacError, TenantError, ValidationError
 from ..tenancy import current_user_id
+from ._rows import batch_allocation
 from ._types import utc_now, uuid7, uuid7_batch
 from .models import stamp_tenant
 
@@ -158,24 +155,6 @@ def _shared_defaults(model: type[Any]) -> dict[str, Any]:
     return shared
 
 
-@contextmanager
-def batch_allocation() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a batch of objects is built.
-
-    Thousands of new objects that stay alive set off collections over and
-    over (about half the cost of building 10,000 row objects here); they
-    are freed by reference counting anyway. The block does no I/O, so no
-    other task runs meanwhile; the collector's previous state is restored.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def validated(model: type[ModelT], data: Mapping[str, Any] | ModelT) -> ModelT:
     """Return a validated instance of `model` built from `data`.
 
@@ -190,75 +169,6 @@ def validated(model: type[ModelT], data: Mapping[str, Any] | ModelT) -> ModelT:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
         raise invalid(model, exc) from exc
-
-
-class RowMaker(NamedTuple):
-    """What building a row object of one model needs, looked up once."""
-
-    cls: type[Any]
-    state: Callable[[Any, Any], Any]
-    manager: Any
-    identity: type[Any]
-    pk: str
-
-
-_MAKERS: dict[type[Any], RowMaker] = {}
-
-
-def row_maker(model: type[Any]) -> RowMaker:
-    """The `RowMaker` of a table model (its mappers configured on first use)."""
-    maker = _MAKERS.get(model)
-    if maker is None:
-        mapper = inspect(model)
-        if not mapper.configured:
-            configure_mappers()  # attribute access on built objects needs it
-        (pk,) = mapper.primary_key
-        manager = mapper.class_manager
-        maker = _MAKERS[model] = RowMaker(
-            manager.class_,
-            manager._state_constructor,
-            manager,
-            mapper._identity_class,
-            mapper.get_property_by_column(pk).key,
-        )
-    return maker
-
-
-def detached_row(model: type[ModelT], values: Mapping[str, Any]) -> ModelT:
-    """Build a detached row object from the values of a row just written.
-
-    Made the way SQLAlchemy makes loaded rows: `__init__` is skipped and the
-    values go straight into `__dict__`; the pydantic slots are set as
-    SQLModel's `__new__` sets them; the identity key marks the object
-    detached, so adding it to a session later means UPDATE, not INSERT.
-    """
-    (row,) = detached_rows(model, (values,))
-    return row
-
-
-def detached_rows(
-    model: type[ModelT], rows: Iterable[Mapping[str, Any]]
-) -> list[ModelT]:
-    """`detached_row` for many rows (the model's facts looked up once)."""
-    cls, make_state, manager, identity, pk = row_maker(model)
-    new, put = _object_new, _set
-    made: list[ModelT] = []
-    for values in rows:
-        obj = new(cls)
-        put(obj, "__pydantic_fields_set__", set(values))
-        put(obj, "__pydantic_extra__", None)
-        put(obj, "__pydantic_private__", None)
-        state = make_state(obj, manager)
-        state.key = (identity, (values[pk],), None)
-        contents = dict(values)
-        contents["_sa_instance_state"] = state
-        put(obj, "__dict__", contents)
-        made.append(obj)
-    return made
-
-
-_object_new = object.__new__
-_set = object.__setattr__
 
 
 _FIELD_ADAPTERS: dict[tuple[type[Any], str], pydantic.TypeAdapter[Any]] = {}

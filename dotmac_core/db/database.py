@@ -16,12 +16,8 @@ from .._registry import Default
 from ..config import DatabaseConfig
 from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
-from ._fast import (
-    Driver,
-    install_liveness_check,
-    install_sqlite_reset,
-    install_sync_checkout,
-)
+from ._driver import DriverExecutor, register_driver
+from ._pool import install_liveness_check, install_sqlite_reset, install_sync_checkout
 from .models import DBBaseModel
 from .session import AsyncSession
 
@@ -80,20 +76,26 @@ class Database:
         )
         options.update(engine_options)
         self.engine: AsyncEngine = create_async_engine(self.url, **options)
-        #: Runs one-statement repository calls on asyncpg directly (PostgreSQL).
-        self.driver: Driver | None = None
+        # Calls outside a transaction run on the driver (see `_driver.py`),
+        # on PostgreSQL and SQLite files. A memory database is one connection
+        # shared by every session (StaticPool): no call may run beside a
+        # transaction there.
+        driver = True
         if self.dialect == "sqlite":
             _install_sqlite_hooks(self.engine, config)
-            if not _is_memory(config):
-                # A memory database is one connection shared by every
-                # session (StaticPool): no call may run beside a transaction.
+            driver = not _is_memory(config)
+            if driver:
                 install_sqlite_reset(self.engine)
-                install_sync_checkout(self.engine)
-                self.driver = Driver(self.engine)
         else:
             install_liveness_check(self.engine, ping=config.pool_pre_ping)
+        if driver:
             install_sync_checkout(self.engine)
-            self.driver = Driver(self.engine)
+            register_driver(
+                self.engine.sync_engine,
+                DriverExecutor(
+                    self.engine, sync_checkout=not options.get("pool_pre_ping")
+                ),
+            )
         self.session_factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, class_=AsyncSession, expire_on_commit=False
         )

@@ -19,6 +19,7 @@ import pydantic
 from sqlalchemy import ColumnElement, inspect
 
 from ..exceptions import ValidationError
+from ._types import UTCDateTime
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import InstrumentedAttribute
@@ -99,10 +100,25 @@ def coerce_value(model: type[Any], name: str, value: Any) -> Any:
         problem = exc.errors(include_input=False, include_url=False)[0]["msg"]
         msg = f"bad value for {name!r}: {problem}"
         raise ValidationError(msg, field=name) from exc
-    if isinstance(result, datetime) and result.tzinfo is None:
+    if (
+        isinstance(result, datetime)
+        and result.tzinfo is None
+        and _refuses_naive(model, name)
+    ):
         msg = f"bad value for {name!r}: give a timezone-aware datetime"
         raise ValidationError(msg, field=name)
     return result
+
+
+def _refuses_naive(model: type[Any], name: str) -> bool:
+    """Whether the column's type refuses naive datetimes (the toolkit's timestamps).
+
+    Other datetime columns take what SQLAlchemy's type takes: naive values for
+    `DateTime(timezone=False)`, and both for `DateTime(timezone=True)` (SQLite
+    returns those naive, so a keyset cursor may hold one).
+    """
+    column = _columns(model).get(name)
+    return column is not None and isinstance(column.type, UTCDateTime)
 
 
 def _like_value(name: str, value: Any) -> str:

@@ -38,6 +38,8 @@ from ..tenancy import current_user_id, get_current_tenant, is_scoping_bypassed
 from .models import TenantMixin
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
     from sqlalchemy.orm import UOWTransaction
     from sqlmodel import SQLModel
 
@@ -48,9 +50,11 @@ __all__ = [
     "SCOPED",
     "Scope",
     "ScopedSession",
+    "check_new_rows",
     "current_scope",
     "has_soft_delete",
     "is_tenant_model",
+    "scoping_listeners",
 ]
 
 #: Execution option: the statement already carries tenant / soft-delete criteria.
@@ -210,7 +214,7 @@ def _scope_statement(state: ORMExecuteState) -> None:
     if state.is_column_load:
         return  # loading more columns of a row this session already scoped
     options = state.execution_options
-    if options.get(SCOPED):
+    if options.get(SCOPED) and not state.is_relationship_load:
         return  # built by the repository with the criteria inline
     models = _models_in(state)
     scope = current_scope()
@@ -229,6 +233,13 @@ def _scope_statement(state: ORMExecuteState) -> None:
     if criteria:
         state.statement = state.statement.options(*criteria)
 
+
+def scoping_listeners() -> frozenset[Any]:
+    """The session listeners this module installs (to tell them from users' own)."""
+    return _LISTENERS
+
+
+_LISTENERS: frozenset[Any] = frozenset({_scope_statement})
 
 _TABLE_MODELS: dict[Any, list[type[Any]]] = {}
 _MAPPERS_SEEN = 0
@@ -296,6 +307,26 @@ def _stamp_insert(state: ORMExecuteState, scope: Scope) -> None:
         for given in given_ids:
             if tenant is not None and given != tenant:
                 _refuse(model, given, tenant)
+
+
+def check_new_rows(
+    model: type[Any], rows: Iterable[Mapping[str, Any]], scope: Scope
+) -> None:
+    """Refuse new rows of a tenant model that the scope may not write.
+
+    Raises:
+        TenantError: no tenant is set (and no bypass), or a row names another
+            tenant than the current one.
+        ValidationError: under a bypass, a row names no tenant.
+    """
+    tenant = scope.require(f"inserting into {model.__name__}")
+    for row in rows:
+        given = row.get("tenant_id")
+        if given is None:
+            msg = f"rows of {model.__name__} need a tenant_id under a bypass"
+            raise ValidationError(msg, field="tenant_id")
+        if tenant is not None and given != tenant:
+            _refuse(model, given, tenant)
 
 
 def _refuse(model: type[Any], given: object, tenant: str) -> None:

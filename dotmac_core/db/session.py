@@ -33,7 +33,7 @@ def _guarded(
     method: Callable[..., Coroutine[Any, Any, Any]],
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def wrapper(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
-        with self._in_use():
+        with self.exclusive():
             return await method(self, *args, **kwargs)
 
     wrapper.__name__ = method.__name__
@@ -59,7 +59,12 @@ class AsyncSession(_SQLModelAsyncSession):
         self._depth = 0
 
     @contextmanager
-    def _in_use(self) -> Iterator[None]:
+    def exclusive(self) -> Iterator[None]:
+        """Hold the session for the current task during the block (re-entrant).
+
+        Raises:
+            ConcurrentSessionUseError: another task's call is in flight.
+        """
         task = asyncio.current_task()
         if self._depth and self._owner is not task:
             msg = (

@@ -13,7 +13,8 @@ from sqlalchemy.util import greenlet_spawn
 from sqlmodel import Field
 
 from dotmac_core import AsyncRepository, Database, DBBaseModel, TransactionManager
-from dotmac_core.db import _fast
+from dotmac_core.db import _pool
+from dotmac_core.db._driver import driver_for
 
 PgFactory = Callable[..., Awaitable[Database]]
 
@@ -85,16 +86,16 @@ async def test_idle_connection_is_pinged(
     db = await pg_factory()
     await _with_table(db)
     sent: list[str] = []
-    real_execute = asyncpg.Connection.execute
+    real_fetchrow = asyncpg.Connection.fetchrow
 
     async def spy(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> Any:
         sent.append(query)
-        return await real_execute(self, query, *args, **kw)
+        return await real_fetchrow(self, query, *args, **kw)
 
     try:
         await Probes(db=db).count()
-        monkeypatch.setattr(_fast, "PING_AFTER", 0.0)
-        monkeypatch.setattr(asyncpg.Connection, "execute", spy)
+        monkeypatch.setattr(_pool, "PING_AFTER", 0.0)
+        monkeypatch.setattr(asyncpg.Connection, "fetchrow", spy)
         await anyio.sleep(0.01)
         assert await Probes(db=db).count() == 0  # driver checkout pings itself
         assert sent == [";"]
@@ -110,14 +111,15 @@ async def test_idle_connection_is_pinged(
 async def test_cancelled_call_closes_its_connection(pg_factory: PgFactory) -> None:
     """A driver call cancelled mid-statement closes its connection."""
     db = await pg_factory()
-    assert db.driver is not None
+    driver = driver_for(db.engine.sync_engine)
+    assert driver is not None
 
-    async def sleeper(driver: Any) -> None:
-        await driver.execute("SELECT pg_sleep(5)")
+    async def sleeper(connection: Any) -> None:
+        await connection.execute("SELECT pg_sleep(5)")
 
     with anyio.fail_after(3):
         with anyio.move_on_after(0.2):
-            await db.driver.use(sleeper)
+            await driver.use(sleeper)
         assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
         async with db.engine.connect() as conn:
             assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1

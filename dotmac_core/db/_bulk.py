@@ -1,0 +1,201 @@
+"""`create_many`: many validated rows in one bulk write (private).
+
+Two ways, one result. On PostgreSQL, when every row's values are known on
+the client and nobody observes the engine, the rows go through one `COPY`
+(the driver's binary copy), each value converted by its column type's bind
+processor as an INSERT would convert it, and the Python defaults of columns a
+row leaves out evaluated as SQLAlchemy evaluates them. Otherwise (SQLite, a
+column the database fills, such as a serial key or a `server_default`, or
+someone listening) SQLAlchemy's ORM bulk INSERT writes them, in batches, and
+returns what the database generated, in input order.
+
+Either way the objects returned hold the rows as written: the validated
+values, plus the defaults and generated values of the columns a row left
+out, as `session.add_all()` leaves objects after a flush.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+from sqlalchemy import insert as sa_insert
+
+from ..exceptions import translate_errors
+from . import _executor, _rows
+from ._driver import evaluate_default
+from ._query import insert_values
+from ._rows import batch_allocation
+from .scoping import SCOPED
+from .transaction import TransactionManager
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from ._driver import DriverExecutor
+    from ._query import Facts
+    from .database import Database
+    from .session import AsyncSession
+
+__all__ = ["write"]
+
+
+def _generated(facts: Facts) -> frozenset[str]:
+    """Attribute keys of the columns whose value the database makes when left out."""
+    table = facts.table
+    auto = table.autoincrement_column
+    return frozenset(
+        key
+        for key, column in facts.column.items()
+        if column is auto
+        or column.server_default is not None
+        or column.identity is not None
+        or (column.default is not None and column.default.is_sequence)
+    )
+
+
+async def write(
+    facts: Facts,
+    rows: Sequence[dict[str, Any]],
+    *,
+    session: AsyncSession | None,
+    db: Database,
+) -> list[Any]:
+    """Insert validated `rows` (attribute keys, every field); the detached objects."""
+    given = [insert_values(facts, row) for row in rows]
+    target = _executor.session_of(session)
+    generated = _generated(facts)
+    exact = db.dialect == "postgresql" and not any(
+        key not in row for row in given for key in generated
+    )
+    if exact:
+        done = await _copy(facts, given, target, db)
+        if done is not None:
+            return done
+    with translate_errors():
+        if target is not None:
+            return await _orm_insert(facts, given, target)
+        async with TransactionManager(db) as tx:
+            return await _orm_insert(facts, given, tx.session)
+
+
+def _full_rows(facts: Facts, given: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every column's value per row: left-out columns get their Python default."""
+    defaults = [
+        (key, column, column.default)
+        for key, column in facts.column.items()
+        if column.default is not None
+    ]
+    full = []
+    for row in given:
+        if len(row) < len(facts.keys):
+            row = dict(row)
+            parameters = {facts.column[key].key: value for key, value in row.items()}
+            for key, column, default in defaults:
+                if key not in row:
+                    value = evaluate_default(default, column, parameters)
+                    row[key] = parameters[column.key] = value
+            for key in facts.keys:
+                row.setdefault(key, None)
+        full.append(row)
+    return full
+
+
+async def _copy(
+    facts: Facts,
+    given: Sequence[dict[str, Any]],
+    session: AsyncSession | None,
+    db: Database,
+) -> list[Any] | None:
+    """COPY the rows on the driver; `None` when the driver may not run here."""
+    if session is None:
+        driver = _executor.pooled_driver(db, facts)
+        found = None
+    else:
+        found = await _executor.session_driver(session, facts)
+        driver = None if found is None else found[0]
+    if driver is None:
+        return None
+    rows = _full_rows(facts, given)
+    records = _records(facts, driver, rows)
+    table = facts.table
+    columns = [column.name for column in facts.columns]
+
+    async def copy(connection: Any) -> None:
+        await connection.copy_records_to_table(
+            table.name, schema_name=table.schema, columns=columns, records=records
+        )
+
+    failed: list[Exception] = []
+
+    async def send() -> None:
+        try:
+            if found is None:
+                await driver.use(copy)
+            else:
+                _, connected, connection = found
+                assert session is not None  # noqa: S101 - found came from it
+                await _executor.on_connection(
+                    session, connection, driver, connected, copy
+                )
+        except Exception as exc:  # noqa: BLE001 - re-raised below, unwrapped
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send)
+        # The objects are built while the server ingests the rows: the COPY
+        # task has sent its data by the time this goes on (its first wait).
+        await anyio.lowlevel.checkpoint()
+        with batch_allocation():
+            made = _rows.from_values(facts, rows)
+    if failed:
+        with translate_errors():
+            raise failed[0]
+    return made
+
+
+def _records(
+    facts: Facts, driver: DriverExecutor, rows: Sequence[Mapping[str, Any]]
+) -> list[tuple[Any, ...]]:
+    """The rows as COPY records: each value bind-processed by its column type."""
+    dialect = driver.dialect
+    processors = [
+        (key, column.type.dialect_impl(dialect).bind_processor(dialect))
+        for key, column in zip(facts.keys, facts.columns, strict=True)
+    ]
+    if not any(process for _, process in processors):
+        keys = facts.keys
+        return [tuple(row[key] for key in keys) for row in rows]
+    return [
+        tuple(
+            row[key] if process is None else process(row[key])
+            for key, process in processors
+        )
+        for row in rows
+    ]
+
+
+async def _orm_insert(
+    facts: Facts, given: Sequence[dict[str, Any]], session: AsyncSession
+) -> list[Any]:
+    """SQLAlchemy's ORM bulk INSERT, returning what each row left to defaults."""
+    left_out = [key for key in facts.keys if any(key not in row for row in given)]
+    statement: Any = sa_insert(facts.model)
+    if left_out:
+        statement = statement.returning(
+            *(getattr(facts.model, key) for key in left_out),
+            sort_by_parameter_order=True,
+        )
+    if facts.tenant:
+        _executor.scope_session(session)
+    result = await session.exec(
+        statement, params=list(given), execution_options={SCOPED: True}
+    )
+    written = [dict(row) for row in given]
+    if left_out:
+        for row, returned in zip(written, result.all(), strict=True):
+            for key, value in zip(left_out, returned, strict=True):
+                row.setdefault(key, value)
+    with batch_allocation():
+        return _rows.from_values(facts, written)

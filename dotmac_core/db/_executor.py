@@ -1,0 +1,316 @@
+"""Where a repository call runs: the one place that chooses (private).
+
+A `Query` (see `_query.py`) runs one of three ways, all on the same statement:
+
+- **driver, pooled**: outside any transaction, on a connection of the
+  `Database`'s pool in autocommit (`_driver.py`), rows made into detached
+  objects by the materialiser (`_rows.py`);
+- **driver, on a session's connection**: a read inside a transaction whose
+  BEGIN has gone out, with nothing pending to flush: on the session's own
+  connection, rows merged into its identity map by the materialiser;
+- **session**: everything else. SQLAlchemy executes the statement on the
+  session (given, ambient, or a short one of the call's own) and loads the
+  objects: identity map, autoflush, events.
+
+The driver ways skip SQLAlchemy's execution and loading, so they are taken
+only when nothing is there to notice: no statement listener or SQL logging on
+the engine, no `load` / `refresh` listener on the model, no session listener
+of the user's. Otherwise, and for statements rendered per call (`in` lists)
+or that load relationships, the call runs through SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ..exceptions import translate_errors
+from . import _rows
+from ._driver import driver_for
+from .database import get_database
+from .scoping import ScopedSession, bind_session, current_scope, scoping_listeners
+from .transaction import TransactionManager, current_transaction
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.orm import Session
+
+    from ._driver import Compiled, DriverExecutor
+    from ._query import Facts, Query
+    from .database import Database
+    from .session import AsyncSession
+
+__all__ = [
+    "Loaded",
+    "on_connection",
+    "pooled_driver",
+    "rowcount",
+    "rows",
+    "scalar",
+    "scope_session",
+    "session_driver",
+    "session_of",
+]
+
+_SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
+_STATEMENT_EVENTS = (
+    "before_execute",
+    "after_execute",
+    "before_cursor_execute",
+    "after_cursor_execute",
+)
+_DIALECT_EVENTS = ("handle_error", "do_execute", "do_execute_no_params")
+_SESSION_EVENTS = (
+    "loaded_as_persistent",
+    "detached_to_persistent",
+    "before_attach",
+    "after_attach",
+)
+
+_probe: list[ScopedSession] = []
+
+
+def _probe_session() -> ScopedSession:
+    """A session instance whose dispatch shows the class-level session listeners."""
+    if not _probe:
+        _probe.append(ScopedSession())
+    return _probe[0]
+
+
+def _observed(engine: Engine, facts: Facts, session: Session | None) -> bool:
+    """Whether anything would notice a call skipping SQLAlchemy's execution."""
+    if engine.echo or _SQL_LOG.isEnabledFor(logging.INFO):
+        return True
+    dispatch: Any = engine.dispatch
+    if any(getattr(dispatch, name) for name in _STATEMENT_EVENTS):
+        return True
+    dialect: Any = engine.dialect.dispatch
+    if any(getattr(dialect, name) for name in _DIALECT_EVENTS):
+        return True
+    manager: Any = facts.mapper.class_manager.dispatch
+    if manager.load or manager.refresh:
+        return True
+    target: Any = (session or _probe_session()).dispatch
+    ours = scoping_listeners()
+    if any(fn not in ours for fn in target.do_orm_execute):
+        return True
+    return session is not None and any(getattr(target, n) for n in _SESSION_EVENTS)
+
+
+def session_of(given: AsyncSession | None) -> AsyncSession | None:
+    if given is not None:
+        return given
+    ambient = current_transaction()
+    return None if ambient is None else ambient.session
+
+
+def _pooled(db: Database, query: Query) -> tuple[DriverExecutor, Compiled] | None:
+    """The driver and compiled statement for a pooled run, or `None`."""
+    driver = pooled_driver(db, query.facts)
+    if driver is None or query.load:
+        return None
+    compiled = driver.compiled(query)
+    return None if compiled is None else (driver, compiled)
+
+
+def pooled_driver(db: Database, facts: Facts) -> DriverExecutor | None:
+    """`db`'s driver executor, when a call on `facts`' model may run on the pool."""
+    engine = db.engine.sync_engine
+    driver = driver_for(engine)
+    if driver is None or _observed(engine, facts, None):
+        return None
+    return driver
+
+
+async def session_driver(
+    session: AsyncSession, facts: Facts
+) -> tuple[DriverExecutor, Any, AsyncConnection] | None:
+    """The driver executor and raw connection of `session`'s transaction, or `None`.
+
+    Only when the driver may run there: nothing observes, nothing is pending
+    to flush (SQLAlchemy would flush first), and the transaction's BEGIN has
+    gone out (SQLAlchemy sends it, with its options, with the first statement).
+    """
+    sync = session.sync_session
+    engine = getattr(sync.get_bind(), "engine", None)
+    driver = driver_for(engine)
+    if engine is None or driver is None or _observed(engine, facts, sync):
+        return None
+    if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
+        return None
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    connected: Any = raw.driver_connection
+    if not driver.in_transaction(connected):
+        return None
+    return driver, connected, connection
+
+
+async def on_connection(
+    session: AsyncSession,
+    connection: AsyncConnection,
+    driver: DriverExecutor,
+    connected: Any,
+    work: Callable[[Any], Awaitable[Any]],
+) -> Any:
+    """Run `work(raw_connection)` holding `session`; a broken connection is dropped."""
+    try:
+        with session.exclusive():
+            return await work(connected)
+    except BaseException as exc:
+        if driver.is_broken(connected, exc):
+            await connection.invalidate()
+        raise
+
+
+async def _on_session(session: AsyncSession, query: Query) -> list[Any] | None:
+    """A read's rows from `session`'s own connection; `None`: SQLAlchemy's way."""
+    engine = getattr(session.sync_session.get_bind(), "engine", None)
+    driver = driver_for(engine)
+    compiled = None if driver is None or query.load else driver.compiled(query)
+    if compiled is None:
+        return None
+    found = await session_driver(session, query.facts)
+    if found is None:
+        return None
+    driver, connected, connection = found
+    records: list[Any] = await on_connection(
+        session,
+        connection,
+        driver,
+        connected,
+        lambda raw: driver.run(query, compiled, raw),
+    )
+    return records
+
+
+def scope_session(session: AsyncSession) -> None:
+    """Bind `session` to the current tenant scope, or check it is bound to it."""
+    bind_session(session.sync_session, current_scope())
+
+
+async def _orm(session: AsyncSession, query: Query) -> Any:
+    """Run `query` on `session` the SQLAlchemy way; its raw result."""
+    if query.facts.tenant:
+        scope_session(session)
+    statement, params = query.for_session()
+    run: Any = session.exec  # every kind of statement; the overloads name a few
+    return await run(statement, params=params, execution_options=query.options)
+
+
+class Loaded(NamedTuple):
+    """What a row query gave: its objects, a page's total, whether rows follow."""
+
+    objects: list[Any]
+    total: int | None = None
+    more: bool = False
+
+
+def _loaded(query: Query, objects: list[Any], total: int | None) -> Loaded:
+    """Cut a look-ahead query's objects to its page (see `Query.keep`)."""
+    keep = query.keep
+    if keep is None or len(objects) <= keep:
+        return Loaded(objects, total)
+    return Loaded(objects[:keep], total, more=True)
+
+
+def _from_records(query: Query, records: Sequence[Any], build: Any) -> Loaded:
+    """Objects for the records a driver run gave (the look-ahead row makes none)."""
+    total = int(records[0][-1]) if query.total and records else None
+    keep = query.keep
+    if keep is not None and len(records) > keep:
+        return Loaded(build(records[:keep]), total, more=True)
+    return Loaded(build(records), total)
+
+
+async def rows(
+    query: Query, *, session: AsyncSession | None = None, db: Database | None = None
+) -> Loaded:
+    """Run a row query: its model objects, and a page's total where asked.
+
+    Outside a session the objects are detached; on one, they are its own.
+    """
+    facts = query.facts
+    with translate_errors():
+        target = session_of(session)
+        if target is None:
+            database = db or get_database()
+            pooled = _pooled(database, query)
+            if pooled is not None:
+                driver, compiled = pooled
+                records = await driver.run(query, compiled)
+                return _from_records(
+                    query, records, lambda part: _rows.detached(facts, part)
+                )
+            if query.write:
+                async with TransactionManager(database) as tx:
+                    return await _session_rows(tx.session, query)
+            async with database.read_session() as own:
+                return await _session_rows(own, query)
+        with target.exclusive():
+            if not query.write:
+                if query.facts.tenant:
+                    scope_session(target)
+                records = await _on_session(target, query)
+                if records is not None:
+                    sync = target.sync_session
+                    return _from_records(
+                        query,
+                        records,
+                        lambda part: _rows.into_session(sync, facts, part),
+                    )
+            return await _session_rows(target, query)
+
+
+async def _session_rows(session: AsyncSession, query: Query) -> Loaded:
+    result = await _orm(session, query)
+    if not query.total:
+        return _loaded(query, list(result.scalars().all()), None)
+    pairs = result.all()
+    total = int(pairs[0][1]) if pairs else None
+    return _loaded(query, [obj for obj, _ in pairs], total)
+
+
+async def scalar(
+    query: Query, *, session: AsyncSession | None = None, db: Database | None = None
+) -> Any:
+    """Run a one-value query (a count, an existence check); its value."""
+    with translate_errors():
+        target = session_of(session)
+        if target is None:
+            database = db or get_database()
+            pooled = _pooled(database, query)
+            if pooled is not None:
+                driver, compiled = pooled
+                records = await driver.run(query, compiled)
+                return records[0][0] if records else None
+            async with database.read_session() as own:
+                return (await _orm(own, query)).scalar()
+        with target.exclusive():
+            if query.facts.tenant:
+                scope_session(target)
+            records = await _on_session(target, query)
+            if records is not None:
+                return records[0][0] if records else None
+            return (await _orm(target, query)).scalar()
+
+
+async def rowcount(
+    query: Query, *, session: AsyncSession | None = None, db: Database | None = None
+) -> int:
+    """Run a write that returns no rows; how many rows it changed."""
+    with translate_errors():
+        target = session_of(session)
+        if target is None:
+            database = db or get_database()
+            pooled = _pooled(database, query)
+            if pooled is not None:
+                driver, compiled = pooled
+                count: int = await driver.run(query, compiled)
+                return count
+            async with TransactionManager(database) as tx:
+                return int((await _orm(tx.session, query)).rowcount)
+        return int((await _orm(target, query)).rowcount)
