@@ -465,7 +465,8 @@ def translate_error(exc: BaseException) -> BaseException:
         return ValidationError(f"value rejected by the column type: {exc.orig}")
     if isinstance(exc, sa_exc.SQLAlchemyError):
         return DatabaseError(f"database error ({type(exc).__name__})")
-    if type(exc).__module__.startswith("asyncpg") and hasattr(exc, "sqlstate"):
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(exc, asyncpg.PostgresError):
         # A bare asyncpg error: raised by calls made on the driver connection
         # itself (COPY), outside SQLAlchemy's wrapping.
         return _translate_driver(

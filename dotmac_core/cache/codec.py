@@ -153,7 +153,7 @@ JSON_CODEC = ValueCodec()
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_codec(annotation: Any) -> ValueCodec:
+def _codec_for(annotation: Any) -> ValueCodec:
     return ValueCodec(annotation)
 
 
@@ -165,4 +165,4 @@ def codec_for(annotation: Any) -> ValueCodec:
         hash(annotation)
     except TypeError:  # unhashable annotation metadata: build one uncached
         return ValueCodec(annotation)
-    return _cached_codec(annotation)
+    return _codec_for(annotation)

@@ -179,8 +179,19 @@ def _records(
 async def _orm_insert(
     facts: Facts, given: Sequence[dict[str, Any]], session: AsyncSession
 ) -> list[Any]:
-    """SQLAlchemy's ORM bulk INSERT, returning what each row left to defaults."""
-    left_out = [key for key in facts.keys if any(key not in row for row in given)]
+    """SQLAlchemy's ORM bulk INSERT, returning what each row left to defaults.
+
+    A left-out column without any default is NULL, as written: its value is
+    `None` (not what its type would read NULL as), as `add_all()` leaves it.
+    """
+    defaulted = _generated(facts) | {
+        key for key, column in facts.column.items() if column.default is not None
+    }
+    left_out = [
+        key
+        for key in facts.keys
+        if key in defaulted and any(key not in row for row in given)
+    ]
     statement: Any = sa_insert(facts.model)
     if left_out:
         statement = statement.returning(
@@ -197,5 +208,8 @@ async def _orm_insert(
         for row, returned in zip(written, result.all(), strict=True):
             for key, value in zip(left_out, returned, strict=True):
                 row.setdefault(key, value)
+    for row in written:
+        for key in facts.keys:
+            row.setdefault(key, None)
     with batch_allocation():
         return _rows.from_values(facts, written)

@@ -17,6 +17,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sqlalchemy import (
+    Float,
     Integer,
     and_,
     bindparam,
@@ -114,6 +115,12 @@ class Facts:
             key
             for key, column in self.column.items()
             if column.type.should_evaluate_none
+        )
+        #: Attribute keys of float columns (SQLite's REAL affinity).
+        self.float_keys: tuple[str, ...] = tuple(
+            key
+            for key, column in self.column.items()
+            if isinstance(column.type, Float) and not column.type.asdecimal
         )
         #: Column key -> attribute key.
         self.attribute: dict[str, str] = {

@@ -36,6 +36,7 @@ __all__ = [
     "adopt",
     "batch_allocation",
     "detached",
+    "floats_as_read",
     "from_values",
     "into_session",
 ]
@@ -109,6 +110,24 @@ def adopt(facts: Facts, instance: Any, stored: Any) -> Any:
         session.expunge(stored)
         session.add(instance)
     return instance
+
+
+def floats_as_read(facts: Facts, objects: Iterable[Any]) -> None:
+    """Undo SQLite's RETURNING quirk: integral REAL values come back as `int`.
+
+    SQLite returns a REAL value that it stores as an integer (`1.0`) as the
+    integer `1` from `RETURNING`, though every read of the column gives the
+    float (sqlite.org/forum/forumpost/712251ee03). Written rows are read
+    back as reads give them.
+    """
+    keys = facts.float_keys
+    if not keys:
+        return
+    for obj in objects:
+        values = instance_dict(obj)
+        for key in keys:
+            if type(values.get(key)) is int:
+                set_committed_value(obj, key, float(values[key]))
 
 
 def from_values(facts: Facts, rows: Iterable[Mapping[str, Any]]) -> list[Any]:

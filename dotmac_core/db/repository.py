@@ -198,7 +198,10 @@ class AsyncRepository(Generic[ModelT]):
     # --- reads ---------------------------------------------------------------
 
     async def _rows(self, query: Query) -> builtins.list[ModelT]:
-        return (await _executor.rows(query, **self._context())).objects
+        objects = (await _executor.rows(query, **self._context())).objects
+        if query.write and self._dialect() == "sqlite":
+            _rows.floats_as_read(self._f, objects)
+        return objects
 
     async def get_by_id(
         self, id: Any, *, load: Iterable[str] = (), include_deleted: bool = False
