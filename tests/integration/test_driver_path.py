@@ -30,7 +30,7 @@ from dotmac_core.db.scoping import live
 
 from ..models import Member, Tag
 
-pytestmark = pytest.mark.usefixtures("repo_db")
+pytestmark = pytest.mark.usefixtures("repo_db", "executor")
 
 
 class Members(AsyncRepository[Member]):

@@ -14,7 +14,7 @@ from dotmac_core import (
 
 from ..models import Member
 
-pytestmark = pytest.mark.usefixtures("repo_db")
+pytestmark = pytest.mark.usefixtures("repo_db", "executor")
 
 
 class Members(AsyncRepository[Member]):

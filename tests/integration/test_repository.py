@@ -25,7 +25,7 @@ from dotmac_core import (
 
 from ..models import Member, Squad, Tag, User
 
-pytestmark = pytest.mark.usefixtures("repo_db")
+pytestmark = pytest.mark.usefixtures("repo_db", "executor")
 
 
 class UserRepository(AsyncRepository[User]):

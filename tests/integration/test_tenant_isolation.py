@@ -20,7 +20,7 @@ from dotmac_core import (
 
 from ..models import Member, Squad
 
-pytestmark = pytest.mark.usefixtures("repo_db")
+pytestmark = pytest.mark.usefixtures("repo_db", "executor")
 
 
 class Members(AsyncRepository[Member]):

@@ -26,7 +26,7 @@ from dotmac_core import (
 
 from ..models import Member, Tag
 
-pytestmark = pytest.mark.usefixtures("repo_db")
+pytestmark = pytest.mark.usefixtures("repo_db", "executor")
 
 
 class Tags(AsyncRepository[Tag]):
