@@ -1,0 +1,225 @@
+"""What `docs/internals.md` says the data path relies on, checked one by one.
+
+Each test pins one behaviour of SQLAlchemy, SQLModel, a driver or the
+standard library that is not (or not plainly) public API. If an upgrade
+changes it, the test fails and names what to revisit.
+"""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import event, inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession as PlainSession
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import make_transient_to_detached
+from sqlmodel import Field
+from sqlmodel.main import default_registry
+
+from dotmac_core import AsyncRepository, Database, DBBaseModel, TransactionManager
+from dotmac_core.db import _executor, _pool, _query, _rows
+from dotmac_core.db._driver import compile_query
+from dotmac_core.db._types import uuid7, uuid7_batch
+from dotmac_core.db.filters import parse_filters
+
+from ..models import Tag
+
+
+class Shouted(DBBaseModel, table=True):
+    """Defaults that read the statement's other values through the context."""
+
+    __tablename__ = "internals_shouted"
+
+    name: str = Field(max_length=20)
+    loud: str | None = Field(
+        default=None,
+        max_length=30,
+        sa_column_kwargs={
+            "default": lambda ctx: ctx.get_current_parameters()["name"].upper(),
+            "onupdate": lambda ctx: ctx.get_current_parameters()["name"] + "!",
+        },
+    )
+
+
+class Shouts(AsyncRepository[Shouted]):
+    """Rows of `Shouted`."""
+
+
+class Tags(AsyncRepository[Tag]):
+    """Tags."""
+
+
+@pytest.fixture
+async def shouted(repo_db: Database) -> None:
+    """The `Shouted` table, created for this module (it is in the metadata)."""
+    async with repo_db.engine.begin() as conn:
+        await conn.run_sync(Shouted.__table__.create, checkfirst=True)  # type: ignore[attr-defined]
+
+
+def test_sqlmodel_default_registry_maps_every_table_class() -> None:
+    """`sqlmodel.main.default_registry` holds the mappers of every table class.
+
+    `scoping._table_models` reads it to find the models behind a table named
+    in a user's Core-style statement (SQLModel does not export it).
+    """
+    classes = {mapper.class_ for mapper in default_registry.mappers}
+    assert {Tag, Shouted} <= classes
+
+
+def test_compiled_statement_attributes_the_driver_reads(db: Database) -> None:
+    """Positional names, binds, prefetch columns and post-compile markers exist.
+
+    The driver executor reads `positiontup`, `binds`, `escaped_bind_names`,
+    `insert_prefetch` / `update_prefetch`, `literal_execute_params` /
+    `post_compile_params` and `BindParameter.required` / `effective_value`.
+    """
+    facts = _query.facts_of(Tag)
+    dialect = db.engine.dialect
+    insert = _query.insert(facts, {"label": "x", "id": uuid7()})
+    compiled: Any = insert.statement.compile(
+        dialect=dialect, column_keys=insert.column_keys
+    )
+    assert set(compiled.positiontup) >= {"label", "id"}
+    assert {c.key for c in compiled.insert_prefetch} >= {"created_at", "updated_at"}
+    assert all(name in compiled.binds for name in compiled.positiontup)
+    assert isinstance(compiled.escaped_bind_names, dict)
+    limited: Any = select(Tag.id).limit(7).compile(dialect=dialect)
+    fixed = [limited.binds[n] for n in limited.positiontup]
+    assert next(b.effective_value for b in fixed if not b.required) == 7
+    many = _query.rows(
+        facts, parse_filters(Tag, {"label__in": ["a"]}), _query.Scoping(None, None), ()
+    )
+    expanding: Any = many.statement.compile(dialect=dialect)
+    assert expanding.post_compile_params or expanding.literal_execute_params
+    assert compile_query(many, dialect) is None  # runs the SQLAlchemy way
+
+
+@pytest.mark.usefixtures("repo_db")
+async def test_materialised_objects_match_loaded_ones(db: Database) -> None:
+    """Driver-built objects have the state of objects a closed session loaded.
+
+    `_rows` writes the values into the instance dict of `new_instance()` and
+    sets `InstanceState.key` from `identity_key_from_primary_key`.
+    """
+    made = await Tags().create({"label": "state"})
+    engine = create_async_engine(db.url)
+    try:
+        async with PlainSession(engine) as plain:
+            loaded = await plain.get(Tag, made.id)
+        assert loaded is not None
+    finally:
+        await engine.dispose()
+    facts = _query.facts_of(Tag)
+    (built,) = _rows.detached(facts, [[getattr(loaded, k) for k in facts.keys]])
+    for state in (inspect(loaded), inspect(built)):
+        assert state.detached
+        assert state.key == inspect(loaded).key
+        assert not state.expired_attributes
+        assert not state.modified
+        assert all(not state.attrs[k].history.has_changes() for k in facts.keys)
+    assert inspect(built).unloaded == inspect(loaded).unloaded
+    assert built.__pydantic_fields_set__ == loaded.__pydantic_fields_set__
+    assert built.model_dump() == loaded.model_dump()
+
+
+def test_transient_to_detached_keeps_the_instance() -> None:
+    """`make_transient_to_detached` turns a new object into a keyed, clean one.
+
+    `_rows.adopt` uses it so `create(instance)` returns that instance.
+    """
+    tag = Tag(label="adopt")
+    make_transient_to_detached(tag)
+    state = inspect(tag)
+    assert state.detached
+    assert state.key == inspect(Tag).identity_key_from_primary_key((tag.id,))
+
+
+@pytest.mark.usefixtures("repo_db", "shouted")
+async def test_context_defaults_agree_on_every_route(db: Database) -> None:
+    """Defaults reading `get_current_parameters()` give one value either way.
+
+    The driver evaluates `default` / `onupdate` callables with a context of
+    its own offering what SQLAlchemy documents for them.
+    """
+    on_driver = await Shouts().create({"name": "ada"})
+    async with TransactionManager():
+        in_session = await Shouts().create({"name": "bob"})
+    assert (on_driver.loud, in_session.loud) == ("ADA", "BOB")
+    changed = await Shouts().update(on_driver.id, {"name": "cy"})
+    async with TransactionManager():
+        changed_too = await Shouts().update(in_session.id, {"name": "di"})
+    assert (changed.loud, changed_too.loud) == ("cy!", "di!")
+
+
+def test_listener_collections_tell_when_someone_observes(db: Database) -> None:
+    """Engine, dialect, mapper and session listener collections are truthy when set.
+
+    `_executor._observed` reads them to send observed calls through SQLAlchemy.
+    """
+    engine = db.engine.sync_engine
+    facts = _query.facts_of(Tag)
+    assert not _executor._observed(engine, facts, None)
+
+    def listener(*_args: Any, **_kw: Any) -> None:
+        return None
+
+    for target, name in [
+        (engine, "before_cursor_execute"),
+        (engine, "after_execute"),
+        (engine, "handle_error"),
+        (Tag, "load"),
+        (Tag, "refresh"),
+        (_executor.ScopedSession, "do_orm_execute"),
+    ]:
+        event.listen(target, name, listener)
+        try:
+            assert _executor._observed(engine, facts, None), name
+        finally:
+            event.remove(target, name, listener)
+        assert not _executor._observed(engine, facts, None), name
+
+
+@pytest.mark.postgres
+async def test_pool_hands_out_a_waiting_connection_without_a_greenlet(
+    pg_factory: Any,
+) -> None:
+    """`Pool.connect()` outside a greenlet takes a waiting connection, no I/O.
+
+    Undocumented: `AsyncAdaptedQueue.get` tries `get_nowait` first, and only
+    opening a connection awaits. `_pool.checkout` relies on it and stops the
+    pool (before any I/O) when it would have to connect.
+    """
+    db = await pg_factory()
+    await db.ping()  # one connection now waits in the pool
+    pool: Any = db.engine.sync_engine.pool
+    assert pool.checkedin() == 1
+    fairy = await _pool.checkout(db.engine, sync=True)
+    assert pool.checkedout() == 1
+    assert await fairy.driver_connection.fetchval("SELECT 1") == 1  # type: ignore[union-attr]
+    second = await _pool.checkout(db.engine, sync=True)  # none waits: a greenlet
+    fairy.close()
+    second.close()
+    assert pool.checkedout() == 0
+
+
+def test_uuid7_values_are_real_uuids() -> None:
+    """uuid7 values, built through `UUID`'s slots, behave as `UUID(int=...)`.
+
+    `uuid7_batch` sets the `int` and `is_safe` slots of `uuid.UUID` directly
+    (a third of the cost of its constructor's checks).
+    """
+    for value in uuid7_batch(50):
+        twin = uuid.UUID(int=value.int)
+        assert value == twin
+        assert hash(value) == hash(twin)
+        assert (str(value), value.hex, value.version, value.variant) == (
+            str(twin),
+            twin.hex,
+            7,
+            uuid.RFC_4122,
+        )
+        assert value.is_safe is twin.is_safe
+        assert pickle.loads(pickle.dumps(value)) == value  # noqa: S301 - our own bytes
