@@ -25,7 +25,7 @@ from sqlalchemy import insert as sa_insert
 from ..exceptions import translate_errors
 from . import _executor, _rows
 from ._driver import evaluate_default
-from ._query import insert_values
+from ._query import by_column, insert_values
 from ._rows import batch_allocation
 from .scoping import SCOPED
 from .transaction import TransactionManager
@@ -62,17 +62,17 @@ async def write(
     session: AsyncSession | None,
     db: Database,
 ) -> list[Any]:
-    """Insert validated `rows` (attribute keys, every field); the detached objects."""
-    given = [insert_values(facts, row) for row in rows]
+    """Insert validated `rows` (fresh dicts, every field); the detached objects."""
     target = _executor.session_of(session)
     generated = _generated(facts)
     exact = db.dialect == "postgresql" and not any(
-        key not in row for row in given for key in generated
+        row[key] is None for key in generated for row in rows
     )
     if exact:
-        done = await _copy(facts, given, target, db)
+        done = await _copy(facts, rows, target, db)
         if done is not None:
             return done
+    given = [insert_values(facts, row) for row in rows]
     with translate_errors():
         if target is not None:
             return await _orm_insert(facts, given, target)
@@ -80,31 +80,30 @@ async def write(
             return await _orm_insert(facts, given, tx.session)
 
 
-def _full_rows(facts: Facts, given: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every column's value per row: left-out columns get their Python default."""
-    defaults = [
+def _fill_defaults(facts: Facts, rows: Sequence[dict[str, Any]]) -> None:
+    """Give each `None` the column's Python default, as an INSERT would (in place).
+
+    SQLAlchemy treats `None` as "not given" (unless the type stores `None`
+    as a value) and computes the column's default for the row instead.
+    """
+    fill = [
         (key, column, column.default)
         for key, column in facts.column.items()
-        if column.default is not None
+        if column.default is not None and key not in facts.none_is_value
     ]
-    full = []
-    for row in given:
-        if len(row) < len(facts.keys):
-            row = dict(row)
-            parameters = {facts.column[key].key: value for key, value in row.items()}
-            for key, column, default in defaults:
-                if key not in row:
-                    value = evaluate_default(default, column, parameters)
-                    row[key] = parameters[column.key] = value
-            for key in facts.keys:
-                row.setdefault(key, None)
-        full.append(row)
-    return full
+    if not fill:
+        return
+    by_attribute = all(facts.attribute[key] == key for key in facts.attribute)
+    for row in rows:
+        for key, column, default in fill:
+            if row[key] is None:
+                parameters = row if by_attribute else by_column(facts, row)
+                row[key] = evaluate_default(default, column, parameters)
 
 
 async def _copy(
     facts: Facts,
-    given: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
     session: AsyncSession | None,
     db: Database,
 ) -> list[Any] | None:
@@ -117,7 +116,7 @@ async def _copy(
         driver = None if found is None else found[0]
     if driver is None:
         return None
-    rows = _full_rows(facts, given)
+    _fill_defaults(facts, rows)
     records = _records(facts, driver, rows)
     table = facts.table
     columns = [column.name for column in facts.columns]
@@ -158,22 +157,34 @@ async def _copy(
 def _records(
     facts: Facts, driver: DriverExecutor, rows: Sequence[Mapping[str, Any]]
 ) -> list[tuple[Any, ...]]:
-    """The rows as COPY records: each value bind-processed by its column type."""
+    """The rows as COPY records: each value bind-processed by its column type.
+
+    Column by column: a value that is the very object of the row before
+    (a batch's shared timestamp, `None`) reuses that row's processed value.
+    """
     dialect = driver.dialect
-    processors = [
-        (key, column.type.dialect_impl(dialect).bind_processor(dialect))
-        for key, column in zip(facts.keys, facts.columns, strict=True)
-    ]
-    if not any(process for _, process in processors):
-        keys = facts.keys
-        return [tuple(row[key] for key in keys) for row in rows]
-    return [
-        tuple(
-            row[key] if process is None else process(row[key])
-            for key, process in processors
-        )
-        for row in rows
-    ]
+    columns: list[list[Any]] = []
+    for key, column in zip(facts.keys, facts.columns, strict=True):
+        values = [row[key] for row in rows]
+        process = column.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            values = _processed(values, process)
+        columns.append(values)
+    return list(zip(*columns, strict=True))
+
+
+_NOTHING = object()
+
+
+def _processed(values: list[Any], process: Any) -> list[Any]:
+    done = []
+    last_in: Any = _NOTHING
+    last_out: Any = None
+    for value in values:
+        if value is not last_in:
+            last_in, last_out = value, process(value)
+        done.append(last_out)
+    return done
 
 
 async def _orm_insert(

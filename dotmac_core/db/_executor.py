@@ -56,21 +56,10 @@ __all__ = [
 ]
 
 _SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
-_STATEMENT_EVENTS = (
-    "before_execute",
-    "after_execute",
-    "before_cursor_execute",
-    "after_cursor_execute",
-)
-_DIALECT_EVENTS = ("handle_error", "do_execute", "do_execute_no_params")
-_SESSION_EVENTS = (
-    "loaded_as_persistent",
-    "detached_to_persistent",
-    "before_attach",
-    "after_attach",
-)
+_OURS = scoping_listeners()
 
 _probe: list[ScopedSession] = []
+_CONNECTION = "dotmac_driver_connection"
 
 
 def _probe_session() -> ScopedSession:
@@ -81,23 +70,37 @@ def _probe_session() -> ScopedSession:
 
 
 def _observed(engine: Engine, facts: Facts, session: Session | None) -> bool:
-    """Whether anything would notice a call skipping SQLAlchemy's execution."""
+    """Whether anything would notice a call skipping SQLAlchemy's execution.
+
+    Runs on every call: the checks are written out, not looped over.
+    """
     if engine.echo or _SQL_LOG.isEnabledFor(logging.INFO):
         return True
-    dispatch: Any = engine.dispatch
-    if any(getattr(dispatch, name) for name in _STATEMENT_EVENTS):
+    events: Any = engine.dispatch
+    if (
+        events.before_cursor_execute
+        or events.after_cursor_execute
+        or events.before_execute
+        or events.after_execute
+    ):
         return True
-    dialect: Any = engine.dialect.dispatch
-    if any(getattr(dialect, name) for name in _DIALECT_EVENTS):
+    events = engine.dialect.dispatch
+    if events.handle_error or events.do_execute or events.do_execute_no_params:
         return True
-    manager: Any = facts.mapper.class_manager.dispatch
-    if manager.load or manager.refresh:
+    events = facts.mapper.class_manager.dispatch
+    if events.load or events.refresh:
         return True
-    target: Any = (session or _probe_session()).dispatch
-    ours = scoping_listeners()
-    if any(fn not in ours for fn in target.do_orm_execute):
-        return True
-    return session is not None and any(getattr(target, n) for n in _SESSION_EVENTS)
+    events = (session or _probe_session()).dispatch
+    ours = _OURS
+    for listener in events.do_orm_execute:
+        if listener not in ours:
+            return True
+    return session is not None and bool(
+        events.loaded_as_persistent
+        or events.detached_to_persistent
+        or events.before_attach
+        or events.after_attach
+    )
 
 
 def session_of(given: AsyncSession | None) -> AsyncSession | None:
@@ -141,8 +144,21 @@ async def session_driver(
         return None
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         return None
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
+    # The connection of the session's transaction, remembered for the
+    # transaction's life: asking the session costs two greenlet hops a call.
+    transaction = sync.get_transaction()
+    known = sync.info.get(_CONNECTION)
+    if (
+        known is not None
+        and transaction is not None
+        and known[0] is transaction
+        and known[2].is_valid
+    ):
+        _, connection, raw = known
+    else:
+        connection = await session.connection()
+        raw = await connection.get_raw_connection()
+        sync.info[_CONNECTION] = (sync.get_transaction(), connection, raw)
     connected: Any = raw.driver_connection
     if not driver.in_transaction(connected):
         return None

@@ -126,6 +126,8 @@ class Facts:
         self.attribute: dict[str, str] = {
             column.key: key for key, column in self.column.items()
         }
+        #: Checked `order_by` strings and the order each means (see repository).
+        self.orders: dict[str | None, tuple[OrderSpec, ...]] = {}
         self._statements: dict[Hashable, tuple[Executable, Executable]] = {}
 
     def statements(
@@ -464,7 +466,7 @@ def insert_values(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _by_column(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
+def by_column(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
     """`values` (by attribute) keyed by column key, in the table's order."""
     return {facts.column[key].key: values[key] for key in facts.keys if key in values}
 
@@ -476,7 +478,7 @@ def insert(facts: Facts, values: Mapping[str, Any]) -> Query:
     for `insert(table)` executed with a dict: a default that reads
     `context.get_current_parameters()` sees the same names on every route.
     """
-    params = _by_column(facts, insert_values(facts, values))
+    params = by_column(facts, insert_values(facts, values))
     names = tuple(params)
     shape = ("insert", names)
 
@@ -510,7 +512,7 @@ def update(
     `insert`; columns with a Python `onupdate` that `sets` does not name get
     it, as SQLAlchemy gives them to any UPDATE.
     """
-    values = _by_column(facts, sets)
+    values = by_column(facts, sets)
     names = tuple(values)
     shape = ("update", names, scoping.shape)
 
@@ -545,7 +547,7 @@ def update_where(
     key: Sequence[Any] | None = None,
 ) -> Query:
     """UPDATE of every row matching `terms` (and `key`, if given); a rowcount."""
-    values = _by_column(facts, sets)
+    values = by_column(facts, sets)
     names = tuple(values)
     shape = ("update_where", _term_shape(terms), names, scoping.shape, key is not None)
 
@@ -602,7 +604,7 @@ def upsert(
     On a tenant model the update only touches a row of the inserted row's
     tenant; a conflict with another tenant's row returns no row.
     """
-    params = _by_column(facts, insert_values(facts, values))
+    params = by_column(facts, insert_values(facts, values))
     names = tuple(params)
     shape = ("upsert", dialect, names, tuple(target), tuple(updates))
 

@@ -58,11 +58,12 @@ def detached(facts: Facts, rows: Iterable[Sequence[Any]]) -> list[Any]:
     keys, key_of = facts.keys, facts.key_of
     new = facts.mapper.class_manager.new_instance
     identity = facts.mapper.identity_key_from_primary_key
+    state_of = instance_state
     made = []
     for row in rows:
         obj = new()
-        instance_dict(obj).update(zip(keys, row, strict=False))
-        instance_state(obj).key = identity(key_of(row))
+        obj.__dict__.update(zip(keys, row, strict=False))  # `instance_dict(obj)`
+        state_of(obj).key = identity(key_of(row))
         made.append(obj)
     return made
 
@@ -132,11 +133,16 @@ def floats_as_read(facts: Facts, objects: Iterable[Any]) -> None:
 
 def from_values(facts: Facts, rows: Iterable[Mapping[str, Any]]) -> list[Any]:
     """Detached objects holding the values of rows just written (every column)."""
-    keys, pk, build = facts.keys, facts.pk, _build
-    return [
-        build(facts, {key: values[key] for key in keys}, tuple(values[k] for k in pk))
-        for values in rows
-    ]
+    pk = facts.pk
+    new = facts.mapper.class_manager.new_instance
+    identity = facts.mapper.identity_key_from_primary_key
+    made = []
+    for values in rows:
+        obj = new()
+        instance_dict(obj).update(values)
+        instance_state(obj).key = identity(tuple(values[k] for k in pk))
+        made.append(obj)
+    return made
 
 
 @contextmanager

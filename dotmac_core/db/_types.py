@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.types import DateTime, TypeDecorator
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.engine import Dialect
 
 
@@ -114,6 +116,26 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         return None if value is None else as_utc(value)
+
+    def result_processor(
+        self, dialect: Dialect, coltype: object
+    ) -> Callable[[Any], datetime | None]:
+        """`process_result_value` after the impl's processor, as one function.
+
+        Pages read three timestamps a row: this skips the generic wrapper's
+        extra calls, and a value already in UTC (asyncpg's) is returned as is.
+        """
+        inner = self.impl_instance.result_processor(dialect, coltype)
+
+        def process(value: Any) -> datetime | None:
+            if inner is not None:
+                value = inner(value)
+            if value is None or value.tzinfo is UTC:
+                read: datetime | None = value
+                return read
+            return as_utc(value)
+
+        return process
 
 
 def as_utc(value: datetime) -> datetime:

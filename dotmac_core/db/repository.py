@@ -180,10 +180,16 @@ class AsyncRepository(Generic[ModelT]):
         """
         if order_by is None and default and self._f.has_created_at:
             order_by = "created_at"
+        cached = order_by if isinstance(order_by, str) or order_by is None else None
+        known = self._f.orders.get(cached) if cached is not None else None
+        if known is not None:
+            return builtins.list(known)
         specs = parse_order_by(self.model, order_by)
         descending = specs[0].descending if specs else False
         named = {spec.name for spec in specs}
         specs += [OrderSpec(key, descending) for key in self._f.pk if key not in named]
+        if cached is not None and len(self._f.orders) < build.MAX_SHAPES:
+            self._f.orders[cached] = tuple(specs)  # a checked string, parsed once
         return specs
 
     def _context(self) -> dict[str, Any]:
