@@ -31,13 +31,14 @@ import re
 import socket
 import sqlite3
 import sys
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy.exc as sa_exc
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
+    from contextlib import AbstractContextManager
+    from types import TracebackType
 
 __all__ = [
     "AlreadyExistsError",
@@ -495,8 +496,32 @@ def translate_error(exc: BaseException) -> BaseException:
     return exc
 
 
-@contextmanager
-def translate_errors() -> Iterator[None]:
+class _TranslateErrors:
+    """The context manager `translate_errors()` returns (stateless, so shared).
+
+    A class rather than a generator: every repository call enters one.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception):
+            return
+        translated = translate_error(exc)
+        if translated is not exc:
+            raise translated from exc
+
+
+_TRANSLATE = _TranslateErrors()
+
+
+def translate_errors() -> AbstractContextManager[None]:
     """Turn driver errors raised in the block into dotmac_core errors, chained.
 
     `DotMacError`s pass through untouched; exceptions that are not driver
@@ -506,10 +531,4 @@ def translate_errors() -> Iterator[None]:
         DotMacError: a subclass chosen by SQLSTATE / SQLite result code, with the
             driver error as `__cause__`.
     """
-    try:
-        yield
-    except Exception as exc:
-        translated = translate_error(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
+    return _TRANSLATE

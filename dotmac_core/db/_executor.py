@@ -58,15 +58,9 @@ __all__ = [
 _SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
 _OURS = scoping_listeners()
 
-_probe: list[ScopedSession] = []
+#: A session whose dispatch shows the listeners of the session classes.
+_PROBE = ScopedSession()
 _CONNECTION = "dotmac_driver_connection"
-
-
-def _probe_session() -> ScopedSession:
-    """A session instance whose dispatch shows the class-level session listeners."""
-    if not _probe:
-        _probe.append(ScopedSession())
-    return _probe[0]
 
 
 def _observed(engine: Engine, facts: Facts, session: Session | None) -> bool:
@@ -90,7 +84,7 @@ def _observed(engine: Engine, facts: Facts, session: Session | None) -> bool:
     events = facts.mapper.class_manager.dispatch
     if events.load or events.refresh:
         return True
-    events = (session or _probe_session()).dispatch
+    events = (session or _PROBE).dispatch
     ours = _OURS
     for listener in events.do_orm_execute:
         if listener not in ours:
@@ -233,13 +227,23 @@ def _loaded(query: Query, objects: list[Any], total: int | None) -> Loaded:
     return Loaded(objects[:keep], total, more=True)
 
 
-def _from_records(query: Query, records: Sequence[Any], build: Any) -> Loaded:
-    """Objects for the records a driver run gave (the look-ahead row makes none)."""
+def _from_records(
+    query: Query, records: Sequence[Any], session: Session | None = None
+) -> Loaded:
+    """Objects for the records a driver run gave (the look-ahead row makes none).
+
+    Detached, or `session`'s own.
+    """
     total = int(records[0][-1]) if query.total and records else None
     keep = query.keep
-    if keep is not None and len(records) > keep:
-        return Loaded(build(records[:keep]), total, more=True)
-    return Loaded(build(records), total)
+    more = keep is not None and len(records) > keep
+    if more:
+        records = records[:keep]
+    if session is None:
+        objects = _rows.detached(query.facts, records)
+    else:
+        objects = _rows.into_session(session, query.facts, records)
+    return Loaded(objects, total, more)
 
 
 async def rows(
@@ -249,7 +253,6 @@ async def rows(
 
     Outside a session the objects are detached; on one, they are its own.
     """
-    facts = query.facts
     with translate_errors():
         target = session_of(session)
         if target is None:
@@ -258,9 +261,7 @@ async def rows(
             if pooled is not None:
                 driver, compiled = pooled
                 records = await driver.run(query, compiled)
-                return _from_records(
-                    query, records, lambda part: _rows.detached(facts, part)
-                )
+                return _from_records(query, records)
             if query.write:
                 async with TransactionManager(database) as tx:
                     return await _session_rows(tx.session, query)
@@ -272,12 +273,7 @@ async def rows(
                     scope_session(target)
                 records = await _on_session(target, query)
                 if records is not None:
-                    sync = target.sync_session
-                    return _from_records(
-                        query,
-                        records,
-                        lambda part: _rows.into_session(sync, facts, part),
-                    )
+                    return _from_records(query, records, target.sync_session)
             return await _session_rows(target, query)
 
 

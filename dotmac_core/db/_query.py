@@ -102,9 +102,11 @@ class Facts:
         self.pk: tuple[str, ...] = tuple(
             mapper.get_property_by_column(column).key for column in mapper.primary_key
         )
+        #: Positions of the primary key's attributes in `keys`.
+        self.pk_positions = tuple(self.keys.index(k) for k in self.pk)
         #: The primary key's values (a tuple) of a row in `keys` order.
         self.key_of: Callable[[Sequence[Any]], tuple[Any, ...]] = _key_getter(
-            tuple(self.keys.index(k) for k in self.pk)
+            self.pk_positions
         )
         self.tenant = is_tenant_model(model)
         self.soft_delete = has_soft_delete(model)

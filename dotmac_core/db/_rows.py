@@ -55,14 +55,23 @@ def detached(facts: Facts, rows: Iterable[Sequence[Any]]) -> list[Any]:
     A longer row (a page's total as last value) is cut to the model's columns.
     Pages build dozens of objects per call, so the loop is written out.
     """
-    keys, key_of = facts.keys, facts.key_of
+    keys = facts.keys
     new = facts.mapper.class_manager.new_instance
     identity = facts.mapper.identity_key_from_primary_key
     state_of = instance_state
     made = []
+    if len(facts.pk) == 1:  # the usual case, without a call per row for the key
+        (at,) = facts.pk_positions
+        for row in rows:
+            obj = new()
+            obj.__dict__.update(zip(keys, row, strict=False))  # `instance_dict(obj)`
+            state_of(obj).key = identity((row[at],))
+            made.append(obj)
+        return made
+    key_of = facts.key_of
     for row in rows:
         obj = new()
-        obj.__dict__.update(zip(keys, row, strict=False))  # `instance_dict(obj)`
+        obj.__dict__.update(zip(keys, row, strict=False))
         state_of(obj).key = identity(key_of(row))
         made.append(obj)
     return made

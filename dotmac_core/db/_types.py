@@ -92,6 +92,10 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: PostgreSQL's type code (OID) of `timestamp with time zone`.
+_TIMESTAMPTZ = 1184
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware.
 
@@ -119,13 +123,17 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def result_processor(
         self, dialect: Dialect, coltype: object
-    ) -> Callable[[Any], datetime | None]:
+    ) -> Callable[[Any], datetime | None] | None:
         """`process_result_value` after the impl's processor, as one function.
 
         Pages read three timestamps a row: this skips the generic wrapper's
-        extra calls, and a value already in UTC (asyncpg's) is returned as is.
+        extra calls. asyncpg reads a `timestamptz` column (type code 1184) as
+        an aware UTC datetime whatever the server's time zone: nothing to
+        convert, so no processor at all.
         """
         inner = self.impl_instance.result_processor(dialect, coltype)
+        if inner is None and dialect.driver == "asyncpg" and coltype == _TIMESTAMPTZ:
+            return None
 
         def process(value: Any) -> datetime | None:
             if inner is not None:

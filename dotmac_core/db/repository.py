@@ -118,12 +118,9 @@ class AsyncRepository(Generic[ModelT]):
         self._session = session
         self._db = db
         self._security = security
-
-    @property
-    def _f(self) -> Facts:
-        # Looked up on first use, not at class definition: relationships may
-        # name classes defined later.
-        return build.facts_of(self.model)
+        # Looked up here, not at class definition: relationships may name
+        # classes defined later.
+        self._f: Facts = build.facts_of(self.model)
 
     # --- input ---------------------------------------------------------------
 

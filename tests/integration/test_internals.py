@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from sqlmodel.main import default_registry
 from dotmac_core import AsyncRepository, Database, DBBaseModel, TransactionManager
 from dotmac_core.db import _executor, _pool, _query, _rows
 from dotmac_core.db._driver import compile_query
-from dotmac_core.db._types import uuid7, uuid7_batch
+from dotmac_core.db._types import UTCDateTime, uuid7, uuid7_batch
 from dotmac_core.db.filters import parse_filters
 
 from ..models import Tag
@@ -223,3 +224,32 @@ def test_uuid7_values_are_real_uuids() -> None:
         )
         assert value.is_safe is twin.is_safe
         assert pickle.loads(pickle.dumps(value)) == value  # noqa: S301 - our own bytes
+
+
+@pytest.mark.postgres
+async def test_asyncpg_reads_timestamptz_as_utc(pg_factory: Any) -> None:
+    """The asyncpg driver reads `timestamptz` as aware UTC, whatever the time zone.
+
+    `UTCDateTime.result_processor` returns no processor for that type code
+    on asyncpg: there is nothing to convert.
+    """
+    db = await pg_factory()
+    raw = await db.engine.raw_connection()
+    try:
+        driver: Any = raw.driver_connection
+        await driver.execute("SET TIME ZONE 'Asia/Kolkata'")
+        prepared = await driver.prepare("SELECT '2026-01-01 10:00+02'::timestamptz")
+        (attribute,) = prepared.get_attributes()
+        value = await prepared.fetchval()
+        await driver.execute("RESET TIME ZONE")
+    finally:
+        raw.close()
+    assert attribute.type.oid == 1184
+    assert value.tzinfo is UTC
+    assert value == datetime(2026, 1, 1, 8, tzinfo=UTC)
+    processor = (
+        UTCDateTime()
+        .dialect_impl(db.engine.dialect)
+        .result_processor(db.engine.dialect, 1184)
+    )
+    assert processor is None
