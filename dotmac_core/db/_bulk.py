@@ -25,8 +25,8 @@ from sqlalchemy import insert as sa_insert
 from ..exceptions import translate_errors
 from . import _executor, _rows
 from ._driver import evaluate_default
-from ._query import by_column, insert_values
 from ._rows import batch_allocation
+from ._writes import by_column, insert_values
 from .scoping import SCOPED
 from .transaction import TransactionManager
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from ._driver import DriverExecutor
-    from ._query import Facts
+    from ._facts import Facts
     from .database import Database
     from .session import AsyncSession
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sqlalchemy.orm import RelationshipDirection
+
 from ..exceptions import translate_errors
 from . import _rows
 from ._driver import driver_for
@@ -39,12 +41,16 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from ._driver import Compiled, DriverExecutor
-    from ._query import Facts, Query
+    from ._facts import Facts
+    from ._query import Query
     from .database import Database
     from .session import AsyncSession
 
 __all__ = [
     "Loaded",
+    "cascades",
+    "delete_as_session_does",
+    "dialect_of",
     "on_connection",
     "pooled_driver",
     "rowcount",
@@ -98,6 +104,7 @@ def _observed(engine: Engine, facts: Facts, session: Session | None) -> bool:
 
 
 def session_of(given: AsyncSession | None) -> AsyncSession | None:
+    """The session a call works on: the given one or the ambient transaction's."""
     if given is not None:
         return given
     ambient = current_transaction()
@@ -106,8 +113,10 @@ def session_of(given: AsyncSession | None) -> AsyncSession | None:
 
 def _pooled(db: Database, query: Query) -> tuple[DriverExecutor, Compiled] | None:
     """The driver and compiled statement for a pooled run, or `None`."""
+    if query.load:
+        return None
     driver = pooled_driver(db, query.facts)
-    if driver is None or query.load:
+    if driver is None:
         return None
     compiled = driver.compiled(query)
     return None if compiled is None else (driver, compiled)
@@ -186,6 +195,8 @@ async def _on_session(session: AsyncSession, query: Query) -> list[Any] | None:
     found = await session_driver(session, query.facts)
     if found is None:
         return None
+    if query.facts.tenant:
+        scope_session(session)
     driver, connected, connection = found
     records: list[Any] = await on_connection(
         session,
@@ -269,8 +280,6 @@ async def rows(
                 return await _session_rows(own, query)
         with target.exclusive():
             if not query.write:
-                if query.facts.tenant:
-                    scope_session(target)
                 records = await _on_session(target, query)
                 if records is not None:
                     return _from_records(query, records, target.sync_session)
@@ -302,8 +311,6 @@ async def scalar(
             async with database.read_session() as own:
                 return (await _orm(own, query)).scalar()
         with target.exclusive():
-            if query.facts.tenant:
-                scope_session(target)
             records = await _on_session(target, query)
             if records is not None:
                 return records[0][0] if records else None
@@ -326,3 +333,44 @@ async def rowcount(
             async with TransactionManager(database) as tx:
                 return int((await _orm(tx.session, query)).rowcount)
         return int((await _orm(target, query)).rowcount)
+
+
+def dialect_of(session: AsyncSession | None, db: Database | None) -> str:
+    """The dialect name a call runs on: its session's, or its database's."""
+    target = session_of(session)
+    if target is not None and target.bind is not None:
+        return str(target.bind.dialect.name)
+    return (db or get_database()).dialect
+
+
+def cascades(facts: Facts) -> bool:
+    """Whether deleting a row is more than a DELETE to the ORM (its relationships)."""
+    return any(
+        rel.direction is not RelationshipDirection.MANYTOONE or rel.cascade.delete
+        for rel in facts.mapper.relationships
+    )
+
+
+async def delete_as_session_does(
+    query: Query, *, session: AsyncSession | None = None, db: Database | None = None
+) -> bool:
+    """`session.delete()` of the row `query` (a get) finds, then a flush.
+
+    The relationships' cascade and passive-delete settings apply, as in
+    SQLAlchemy's unit of work; in a short transaction outside a session.
+    """
+    with translate_errors():
+        target = session_of(session)
+        if target is None:
+            async with TransactionManager(db or get_database()) as tx:
+                return await _delete_found(tx.session, query)
+        return await _delete_found(target, query)
+
+
+async def _delete_found(session: AsyncSession, query: Query) -> bool:
+    objects = (await _session_rows(session, query)).objects
+    if not objects:
+        return False
+    await session.delete(objects[0])
+    await session.flush()
+    return True

@@ -13,155 +13,53 @@ cache then key on the same object.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import (
-    Float,
     Integer,
     and_,
     bindparam,
     column,
     false,
     func,
-    inspect,
     or_,
     select,
     tuple_,
 )
-from sqlalchemy import delete as sa_delete
-from sqlalchemy import insert as sa_insert
-from sqlalchemy import update as sa_update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import configure_mappers, selectinload
+from sqlalchemy.orm import selectinload
 
-from .scoping import SCOPED, deleted_criterion, has_soft_delete, is_tenant_model
+from .scoping import SCOPED, deleted_criterion
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable, Mapping, Sequence
 
-    from sqlalchemy import Column, ColumnElement
-    from sqlalchemy.orm import Mapper
+    from sqlalchemy import ColumnElement
     from sqlalchemy.sql import Executable
 
+    from ._facts import Facts, Scoping
     from .filters import OrderSpec, Term
 
-__all__ = ["Facts", "Query", "Scoping", "facts_of"]
+__all__ = [
+    "Query",
+    "after_criterion",
+    "count",
+    "exists",
+    "get",
+    "key_criteria",
+    "key_params",
+    "rows",
+    "scope_criteria",
+    "scope_params",
+    "term_criteria",
+    "term_params",
+    "term_shape",
+]
 
-Deleted = Literal["live", "any", "only"]
 Returns = Literal["rows", "scalar", "rowcount"]
-
-#: Shapes kept per model; past this, statements are built per call (the
-#: shapes come from callers' filters, so their number has no natural bound).
-MAX_SHAPES = 512
 
 _INT = Integer()
 _TOTAL = "dotmac_total"
-
-
-@dataclass(frozen=True, slots=True)
-class Scoping:
-    """Which rows a query may see: one tenant (or all under bypass), live or not.
-
-    `tenant` is the tenant to filter by (`None`: no tenant criterion, for a
-    model without tenant or under a bypass); `deleted` is `None` for a model
-    without soft delete.
-    """
-
-    tenant: str | None
-    deleted: Deleted | None
-
-    @property
-    def shape(self) -> tuple[bool, Deleted | None]:
-        """What of the scoping changes the statement (not the tenant's value)."""
-        return (self.tenant is not None, self.deleted)
-
-
-class Facts:
-    """What the builder, the executors and the materialiser know of one model."""
-
-    def __init__(self, model: type[Any]) -> None:
-        mapper: Mapper[Any] = inspect(model)
-        if not mapper.configured:
-            configure_mappers()  # attribute access on built objects needs it
-        self.model = model
-        self.mapper = mapper
-        self.table: Any = mapper.local_table
-        props = list(mapper.column_attrs)
-        #: Attribute keys of the mapped columns, in the order statements select them.
-        self.keys: tuple[str, ...] = tuple(prop.key for prop in props)
-        #: The mapped columns, in `keys` order.
-        self.columns: tuple[Column[Any], ...] = tuple(
-            cast("Column[Any]", prop.columns[0]) for prop in props
-        )
-        #: Attribute key -> column.
-        self.column: dict[str, Column[Any]] = dict(
-            zip(self.keys, self.columns, strict=True)
-        )
-        #: Attribute keys of the primary key, in the mapper's order.
-        self.pk: tuple[str, ...] = tuple(
-            mapper.get_property_by_column(column).key for column in mapper.primary_key
-        )
-        #: Positions of the primary key's attributes in `keys`.
-        self.pk_positions = tuple(self.keys.index(k) for k in self.pk)
-        #: The primary key's values (a tuple) of a row in `keys` order.
-        self.key_of: Callable[[Sequence[Any]], tuple[Any, ...]] = _key_getter(
-            self.pk_positions
-        )
-        self.tenant = is_tenant_model(model)
-        self.soft_delete = has_soft_delete(model)
-        self.has_created_at = "created_at" in self.column
-        #: Columns whose value a column type turns Python `None` into (JSON's
-        #: null): `None` there is a value to write, not "not given".
-        self.none_is_value = frozenset(
-            key
-            for key, column in self.column.items()
-            if column.type.should_evaluate_none
-        )
-        #: Attribute keys of float columns (SQLite's REAL affinity).
-        self.float_keys: tuple[str, ...] = tuple(
-            key
-            for key, column in self.column.items()
-            if isinstance(column.type, Float) and not column.type.asdecimal
-        )
-        #: Column key -> attribute key.
-        self.attribute: dict[str, str] = {
-            column.key: key for key, column in self.column.items()
-        }
-        #: Checked `order_by` strings and the order each means (see repository).
-        self.orders: dict[str | None, tuple[OrderSpec, ...]] = {}
-        self._statements: dict[Hashable, tuple[Executable, Executable]] = {}
-
-    def statements(
-        self, shape: Hashable, build: Callable[[], tuple[Executable, Executable]]
-    ) -> tuple[Executable, Executable]:
-        """The statement of `shape` for the driver and for a session, built once."""
-        statements = self._statements.get(shape)
-        if statements is None:
-            statements = build()
-            if len(self._statements) < MAX_SHAPES:
-                self._statements[shape] = statements
-        return statements
-
-
-def _key_getter(
-    positions: tuple[int, ...],
-) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    if len(positions) > 1:
-        return itemgetter(*positions)
-    (only,) = positions
-    return lambda row: (row[only],)
-
-
-_FACTS: dict[type[Any], Facts] = {}
-
-
-def facts_of(model: type[Any]) -> Facts:
-    """The `Facts` of a table model, looked up once."""
-    facts = _FACTS.get(model)
-    if facts is None:
-        facts = _FACTS[model] = Facts(model)
-    return facts
+_READ_OPTIONS = {SCOPED: True}
 
 
 @dataclass(slots=True, eq=False)
@@ -206,7 +104,7 @@ class Query:
 # --- criteria -------------------------------------------------------------------
 
 
-def _scope_criteria(facts: Facts, scoping: Scoping) -> list[ColumnElement[bool]]:
+def scope_criteria(facts: Facts, scoping: Scoping) -> list[ColumnElement[bool]]:
     criteria: list[ColumnElement[bool]] = []
     if scoping.tenant is not None:
         tenant = facts.column["tenant_id"]
@@ -220,18 +118,18 @@ def _scope_criteria(facts: Facts, scoping: Scoping) -> list[ColumnElement[bool]]
     return criteria
 
 
-def _scope_params(scoping: Scoping, params: dict[str, Any]) -> dict[str, Any]:
+def scope_params(scoping: Scoping, params: dict[str, Any]) -> dict[str, Any]:
     if scoping.tenant is not None:
         params["dotmac_tenant"] = scoping.tenant
     return params
 
 
-def _term_shape(terms: Sequence[Term]) -> tuple[tuple[str, str, Any], ...]:
+def term_shape(terms: Sequence[Term]) -> tuple[tuple[str, str, Any], ...]:
     """What of the filters changes the SQL: names, operators, null comparisons."""
     return tuple((t.name, t.op, t.value if not t.bound else True) for t in terms)
 
 
-def _term_criteria(facts: Facts, terms: Sequence[Term]) -> list[ColumnElement[bool]]:
+def term_criteria(facts: Facts, terms: Sequence[Term]) -> list[ColumnElement[bool]]:
     criteria = []
     for i, term in enumerate(terms):
         column = facts.column[term.name]
@@ -244,21 +142,21 @@ def _term_criteria(facts: Facts, terms: Sequence[Term]) -> list[ColumnElement[bo
     return criteria
 
 
-def _term_params(terms: Sequence[Term], params: dict[str, Any]) -> dict[str, Any]:
+def term_params(terms: Sequence[Term], params: dict[str, Any]) -> dict[str, Any]:
     for i, term in enumerate(terms):
         if term.bound:
             params[f"dotmac_f{i}"] = term.value
     return params
 
 
-def _key_criteria(facts: Facts) -> list[ColumnElement[bool]]:
+def key_criteria(facts: Facts) -> list[ColumnElement[bool]]:
     return [
         facts.column[key] == bindparam(f"dotmac_key{i}", type_=facts.column[key].type)
         for i, key in enumerate(facts.pk)
     ]
 
 
-def _key_params(key: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
+def key_params(key: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
     for i, value in enumerate(key):
         params[f"dotmac_key{i}"] = value
     return params
@@ -337,10 +235,10 @@ def get(
 
     def build() -> Any:
         return select(*facts.columns).where(
-            *_key_criteria(facts), *_scope_criteria(facts, scoping)
+            *key_criteria(facts), *scope_criteria(facts, scoping)
         )
 
-    params = _scope_params(scoping, _key_params(key, {}))
+    params = scope_params(scoping, key_params(key, {}))
     return _row_query(facts, ("get", scoping.shape), build, params, load=load)
 
 
@@ -365,7 +263,7 @@ def rows(
     """
     shape = (
         "rows",
-        _term_shape(terms),
+        term_shape(terms),
         scoping.shape,
         tuple(order),
         limit is not None,
@@ -375,7 +273,7 @@ def rows(
     )
 
     def build() -> Any:
-        criteria = [*_term_criteria(facts, terms), *_scope_criteria(facts, scoping)]
+        criteria = [*term_criteria(facts, terms), *scope_criteria(facts, scoping)]
         columns: list[Any] = list(facts.columns)
         if total:
             count = select(func.count()).select_from(facts.table).where(*criteria)
@@ -395,7 +293,7 @@ def rows(
             statement = statement.offset(bindparam("dotmac_offset", type_=_INT))
         return statement
 
-    params = _scope_params(scoping, _term_params(terms, {}))
+    params = scope_params(scoping, term_params(terms, {}))
     if limit is not None:
         params["dotmac_limit"] = limit + 1 if look_ahead else limit
     if offset:
@@ -423,12 +321,12 @@ def count(facts: Facts, terms: Sequence[Term], scoping: Scoping) -> Query:
         return (
             select(func.count())
             .select_from(facts.model)
-            .where(*_term_criteria(facts, terms), *_scope_criteria(facts, scoping))
+            .where(*term_criteria(facts, terms), *scope_criteria(facts, scoping))
         )
 
-    params = _scope_params(scoping, _term_params(terms, {}))
+    params = scope_params(scoping, term_params(terms, {}))
     return _value_query(
-        facts, ("count", _term_shape(terms), scoping.shape), build, params
+        facts, ("count", term_shape(terms), scoping.shape), build, params
     )
 
 
@@ -438,212 +336,11 @@ def exists(facts: Facts, terms: Sequence[Term], scoping: Scoping) -> Query:
     def build() -> Any:
         return (
             select(getattr(facts.model, facts.pk[0]))
-            .where(*_term_criteria(facts, terms), *_scope_criteria(facts, scoping))
+            .where(*term_criteria(facts, terms), *scope_criteria(facts, scoping))
             .limit(1)
         )
 
-    params = _scope_params(scoping, _term_params(terms, {}))
+    params = scope_params(scoping, term_params(terms, {}))
     return _value_query(
-        facts, ("exists", _term_shape(terms), scoping.shape), build, params
-    )
-
-
-# --- writes ---------------------------------------------------------------------
-
-_READ_OPTIONS = {SCOPED: True}
-_WRITE_OPTIONS = {"populate_existing": True, SCOPED: True}
-_BULK_OPTIONS = {"synchronize_session": "fetch", SCOPED: True}
-
-
-def insert_values(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The values an INSERT names: SQLAlchemy's rule for `None`.
-
-    As the ORM does, a `None` is "not given" (the column's server or Python
-    default applies, or NULL), unless the column type turns `None` into a
-    value of its own (JSON null).
-    """
-    keep = facts.none_is_value
-    return {
-        key: value for key, value in values.items() if value is not None or key in keep
-    }
-
-
-def by_column(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` (by attribute) keyed by column key, in the table's order."""
-    return {facts.column[key].key: values[key] for key in facts.keys if key in values}
-
-
-def insert(facts: Facts, values: Mapping[str, Any]) -> Query:
-    """INSERT of one row (`insert_values` applied) returning the stored row.
-
-    The values are parameters named by column key, as SQLAlchemy names them
-    for `insert(table)` executed with a dict: a default that reads
-    `context.get_current_parameters()` sees the same names on every route.
-    """
-    params = by_column(facts, insert_values(facts, values))
-    names = tuple(params)
-    shape = ("insert", names)
-
-    def build() -> tuple[Executable, Executable]:
-        return (
-            sa_insert(facts.table).returning(*facts.columns),
-            sa_insert(facts.model).returning(facts.model),
-        )
-
-    core, orm = facts.statements(shape, build)
-    return Query(
-        facts,
-        shape,
-        core,
-        orm,
-        params,
-        "rows",
-        write=True,
-        options=_WRITE_OPTIONS,
-        column_keys=names,
-        by_attribute=True,
-    )
-
-
-def update(
-    facts: Facts, key: Sequence[Any], sets: Mapping[str, Any], scoping: Scoping
-) -> Query:
-    """UPDATE of the row with primary key `key`, returning the stored row.
-
-    `sets` become parameters named by column key (the SET clause), as for
-    `insert`; columns with a Python `onupdate` that `sets` does not name get
-    it, as SQLAlchemy gives them to any UPDATE.
-    """
-    values = by_column(facts, sets)
-    names = tuple(values)
-    shape = ("update", names, scoping.shape)
-
-    def build() -> tuple[Executable, Executable]:
-        criteria = [*_key_criteria(facts), *_scope_criteria(facts, scoping)]
-        return (
-            sa_update(facts.table).where(*criteria).returning(*facts.columns),
-            sa_update(facts.model).where(*criteria).returning(facts.model),
-        )
-
-    core, orm = facts.statements(shape, build)
-    params = _scope_params(scoping, _key_params(key, values))
-    return Query(
-        facts,
-        shape,
-        core,
-        orm,
-        params,
-        "rows",
-        write=True,
-        options={**_WRITE_OPTIONS, "synchronize_session": False},
-        column_keys=names,
-    )
-
-
-def update_where(
-    facts: Facts,
-    terms: Sequence[Term],
-    sets: Mapping[str, Any],
-    scoping: Scoping,
-    *,
-    key: Sequence[Any] | None = None,
-) -> Query:
-    """UPDATE of every row matching `terms` (and `key`, if given); a rowcount."""
-    values = by_column(facts, sets)
-    names = tuple(values)
-    shape = ("update_where", _term_shape(terms), names, scoping.shape, key is not None)
-
-    def build() -> tuple[Executable, Executable]:
-        criteria = [*_term_criteria(facts, terms), *_scope_criteria(facts, scoping)]
-        if key is not None:
-            criteria = [*_key_criteria(facts), *criteria]
-        statement = sa_update(facts.model).where(*criteria)
-        return statement, statement
-
-    core, orm = facts.statements(shape, build)
-    params = _scope_params(scoping, _term_params(terms, values))
-    if key is not None:
-        _key_params(key, params)
-    return Query(
-        facts,
-        shape,
-        core,
-        orm,
-        params,
-        "rowcount",
-        write=True,
-        options=_BULK_OPTIONS,
-        column_keys=names,
-    )
-
-
-def delete(facts: Facts, key: Sequence[Any], scoping: Scoping) -> Query:
-    """DELETE of the row with primary key `key`; a rowcount."""
-
-    def build() -> tuple[Executable, Executable]:
-        statement = sa_delete(facts.model).where(
-            *_key_criteria(facts), *_scope_criteria(facts, scoping)
-        )
-        return statement, statement
-
-    shape = ("delete", scoping.shape)
-    core, orm = facts.statements(shape, build)
-    params = _scope_params(scoping, _key_params(key, {}))
-    return Query(
-        facts, shape, core, orm, params, "rowcount", write=True, options=_BULK_OPTIONS
-    )
-
-
-def upsert(
-    facts: Facts,
-    dialect: str,
-    values: Mapping[str, Any],
-    target: Sequence[str],
-    updates: Sequence[str],
-) -> Query:
-    """INSERT ... ON CONFLICT (`target`) DO UPDATE (`updates`), returning the row.
-
-    On a tenant model the update only touches a row of the inserted row's
-    tenant; a conflict with another tenant's row returns no row.
-    """
-    params = by_column(facts, insert_values(facts, values))
-    names = tuple(params)
-    shape = ("upsert", dialect, names, tuple(target), tuple(updates))
-
-    def build() -> tuple[Executable, Executable]:
-        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-        def conflict(statement: Any) -> Any:
-            excluded = statement.excluded
-            sets: dict[Any, Any] = {
-                facts.column[key]: excluded[facts.column[key].key] for key in updates
-            }
-            pk = facts.column[facts.pk[0]]
-            where = None
-            if facts.tenant:
-                tenant = facts.column["tenant_id"]
-                where = tenant == excluded[tenant.key]
-            return statement.on_conflict_do_update(
-                index_elements=[facts.column[key] for key in target],
-                set_=sets or {pk: pk},
-                where=where,
-            )
-
-        return (
-            conflict(dialect_insert(facts.table)).returning(*facts.columns),
-            conflict(dialect_insert(facts.model)).returning(facts.model),
-        )
-
-    core, orm = facts.statements(shape, build)
-    return Query(
-        facts,
-        shape,
-        core,
-        orm,
-        params,
-        "rows",
-        write=True,
-        options=_WRITE_OPTIONS,
-        column_keys=names,
-        by_attribute=True,
+        facts, ("exists", term_shape(terms), scoping.shape), build, params
     )

@@ -22,15 +22,16 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import InstanceState, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
+from sqlalchemy.orm.base import DEFAULT_STATE_ATTR as STATE_ATTR
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
 
     from sqlalchemy.orm import Session
 
-    from ._query import Facts
+    from ._facts import Facts
 
 __all__ = [
     "adopt",
@@ -42,39 +43,65 @@ __all__ = [
 ]
 
 
-def _build(facts: Facts, values: dict[str, Any], key: tuple[Any, ...]) -> Any:
-    obj = facts.mapper.class_manager.new_instance()
-    instance_dict(obj).update(values)
-    instance_state(obj).key = facts.mapper.identity_key_from_primary_key(key)
-    return obj
+def _direct(facts: Facts) -> bool:
+    """Whether objects of `facts`' model may be made without `new_instance()`.
+
+    `ClassManager.new_instance()` creates the instance with `cls.__new__`
+    (SQLModel's own, which sets up the pydantic fields) and an
+    `InstanceState(instance, manager)`, which it stores through SQLModel's
+    `__setattr__` in the instance dict. `_objects` does those steps itself, at
+    half the cost per row; checked once per model against `new_instance()` (a
+    class with other instrumentation keeps `new_instance()`).
+    """
+    direct = facts.direct
+    if direct is None:
+        probe = facts.mapper.class_manager.new_instance()
+        direct = facts.direct = type(instance_state(probe)) is InstanceState and list(
+            probe.__dict__
+        ) == [STATE_ATTR]
+    return direct
 
 
-def detached(facts: Facts, rows: Iterable[Sequence[Any]]) -> list[Any]:
+def _objects(
+    facts: Facts, pairs: Iterable[tuple[dict[str, Any], tuple[Any, ...]]]
+) -> list[Any]:
+    """Objects of `facts`' model from (values, primary key) pairs, as loaded."""
+    manager = facts.mapper.class_manager
+    identity = facts.mapper.identity_key_from_primary_key
+    made = []
+    if not _direct(facts):
+        for values, key in pairs:
+            obj = manager.new_instance()
+            instance_dict(obj).update(values)
+            instance_state(obj).key = identity(key)
+            made.append(obj)
+        return made
+    cls: Any = facts.model
+    new = cls.__new__
+    for values, key in pairs:
+        obj = new(cls)
+        state = InstanceState(obj, manager)
+        state.key = identity(key)
+        values[STATE_ATTR] = state
+        obj.__dict__.update(values)
+        made.append(obj)
+    return made
+
+
+def detached(facts: Facts, rows: Sequence[Sequence[Any]]) -> list[Any]:
     """Detached model objects for `rows` (values in `facts.keys` order).
 
     A longer row (a page's total as last value) is cut to the model's columns.
-    Pages build dozens of objects per call, so the loop is written out.
     """
     keys = facts.keys
-    new = facts.mapper.class_manager.new_instance
-    identity = facts.mapper.identity_key_from_primary_key
-    state_of = instance_state
-    made = []
     if len(facts.pk) == 1:  # the usual case, without a call per row for the key
         (at,) = facts.pk_positions
-        for row in rows:
-            obj = new()
-            obj.__dict__.update(zip(keys, row, strict=False))  # `instance_dict(obj)`
-            state_of(obj).key = identity((row[at],))
-            made.append(obj)
-        return made
+        pairs = ((dict(zip(keys, row, strict=False)), (row[at],)) for row in rows)
+        return _objects(facts, pairs)
     key_of = facts.key_of
-    for row in rows:
-        obj = new()
-        obj.__dict__.update(zip(keys, row, strict=False))
-        state_of(obj).key = identity(key_of(row))
-        made.append(obj)
-    return made
+    return _objects(
+        facts, ((dict(zip(keys, row, strict=False)), key_of(row)) for row in rows)
+    )
 
 
 def into_session(
@@ -93,7 +120,7 @@ def into_session(
         pk = key_of(row)
         existing = identity_map.get(mapper.identity_key_from_primary_key(pk))
         if existing is None:
-            obj = _build(facts, dict(zip(keys, row, strict=False)), pk)
+            (obj,) = _objects(facts, [(dict(zip(keys, row, strict=False)), pk)])
             session.add(obj)
             objects.append(obj)
             continue
@@ -143,15 +170,7 @@ def floats_as_read(facts: Facts, objects: Iterable[Any]) -> None:
 def from_values(facts: Facts, rows: Iterable[Mapping[str, Any]]) -> list[Any]:
     """Detached objects holding the values of rows just written (every column)."""
     pk = facts.pk
-    new = facts.mapper.class_manager.new_instance
-    identity = facts.mapper.identity_key_from_primary_key
-    made = []
-    for values in rows:
-        obj = new()
-        instance_dict(obj).update(values)
-        instance_state(obj).key = identity(tuple(values[k] for k in pk))
-        made.append(obj)
-    return made
+    return _objects(facts, ((dict(v), tuple(v[k] for k in pk)) for v in rows))
 
 
 @contextmanager

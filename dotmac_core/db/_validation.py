@@ -8,17 +8,21 @@ would store an over-long string) as on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, TypeVar
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Annotated, Any, TypeVar, cast
 
 import pydantic
+from sqlalchemy import UniqueConstraint
 from sqlmodel import SQLModel
 
 from ..exceptions import DotMacError, TenantError, ValidationError
 from ..tenancy import current_user_id
+from ._facts import MAX_SHAPES, Deleted, Facts, Scoping
 from ._rows import batch_allocation
 from ._types import utc_now, uuid7, uuid7_batch
+from .filters import OrderBy, OrderSpec, coerce_value, parse_order_by
 from .models import stamp_tenant
+from .scoping import current_scope
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
 
@@ -190,8 +194,14 @@ def validate_field(model: type[Any], name: str, value: Any) -> Any:
         raise ValidationError(msg, field=name) from exc
 
 
-def validated_changes(model: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a partial update: known, changeable fields with valid values."""
+def validated_changes(facts: Facts, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a partial update: known, changeable fields with valid values.
+
+    Non-empty changes also set `updated_by` to the acting user, where the
+    model has it and the context names one (an anonymous update keeps the
+    last editor).
+    """
+    model = facts.model
     check_keys(model, data)
     changes: dict[str, Any] = {}
     for name, value in data.items():
@@ -202,4 +212,146 @@ def validated_changes(model: type[Any], data: Mapping[str, Any]) -> dict[str, An
             msg = f"{model.__name__}.{name} cannot be changed by an update"
             raise ValidationError(msg, field=name)
         changes[name] = validate_field(model, name, value)
+    user = current_user_id()
+    if changes and user is not None and "updated_by" in facts.column:
+        changes["updated_by"] = user
     return changes
+
+
+#: Columns an upsert never overwrites on the existing row (besides its key).
+_KEPT_ON_CONFLICT = frozenset({"created_at", "created_by", "tenant_id", "updated_by"})
+
+
+def upsert_updates(facts: Facts, data: object, target: Sequence[str]) -> list[str]:
+    """The columns an upsert overwrites on the existing row it meets.
+
+    The fields the caller gave (every column for a model object; omitted
+    fields keep their stored values), never the key, the conflict target or
+    the creation columns; `updated_at` always, `updated_by` when the context
+    names a user.
+    """
+    given: Collection[str] = (
+        facts.keys if isinstance(data, facts.model) else cast("Mapping[str, Any]", data)
+    )
+    keep = {*facts.pk, *_KEPT_ON_CONFLICT, *target}
+    updates = [key for key in facts.keys if key in given and key not in keep]
+    if "updated_at" in facts.column:
+        updates.append("updated_at")
+    if "updated_by" in facts.column and current_user_id() is not None:
+        updates.append("updated_by")
+    return updates
+
+
+def keyset_order(facts: Facts, order_by: OrderBy) -> list[OrderSpec]:
+    """The total order of a keyset page; its columns must be NOT NULL."""
+    order = total_order(facts, order_by, default=True)
+    for spec in order:
+        if facts.column[spec.name].nullable:
+            msg = f"keyset order needs NOT NULL columns; {spec.name!r} is nullable"
+            raise ValidationError(msg, field="order_by")
+    return order
+
+
+def conflict_target(facts: Facts, conflict_on: Sequence[str]) -> tuple[str, ...]:
+    """The conflict key: `conflict_on`, plus `tenant_id` where a constraint has it."""
+    if isinstance(conflict_on, str) or not conflict_on:
+        msg = "conflict_on must be a non-empty list of column names"
+        raise ValidationError(msg, field="conflict_on")
+    for name in conflict_on:
+        if name not in facts.column:
+            msg = f"{facts.model.__name__} has no column {name!r}"
+            raise ValidationError(msg, field="conflict_on")
+    table = facts.table
+    attribute = facts.attribute
+    unique_sets = [frozenset(attribute[c.key] for c in table.primary_key.columns)]
+    unique_sets += [
+        frozenset(attribute[c.key] for c in constraint.columns)
+        for constraint in table.constraints
+        if isinstance(constraint, UniqueConstraint)
+    ]
+    unique_sets += [
+        frozenset(attribute[c.key] for c in index.columns)
+        for index in table.indexes
+        if index.unique
+    ]
+    wanted = frozenset(conflict_on)
+    if facts.tenant and wanted | {"tenant_id"} in unique_sets:
+        return (*conflict_on, *(() if "tenant_id" in wanted else ("tenant_id",)))
+    if wanted in unique_sets:
+        return tuple(conflict_on)
+    msg = f"{facts.model.__name__} has no unique constraint on {sorted(wanted)}"
+    raise ValidationError(msg, field="conflict_on")
+
+
+def scoping_for(
+    facts: Facts,
+    what: str,
+    *,
+    include_deleted: bool = False,
+    only_deleted: bool = False,
+) -> Scoping:
+    """Which rows a call on `facts`' model may see (fails closed without a tenant)."""
+    model = facts.model
+    if only_deleted and not facts.soft_delete:
+        msg = f"{model.__name__} has no soft delete: only_deleted is invalid"
+        raise ValidationError(msg, field="only_deleted")
+    tenant = None
+    if facts.tenant:
+        tenant = current_scope().require(f"{what} {model.__name__}")
+    deleted: Deleted | None = None
+    if facts.soft_delete:
+        deleted = "only" if only_deleted else "any" if include_deleted else "live"
+    return Scoping(tenant, deleted)
+
+
+def key_values(facts: Facts, id: Any) -> tuple[Any, ...]:
+    """The primary key `id` as checked values in `Facts.pk` order.
+
+    A composite key is given as a tuple in key order or a dict by attribute.
+    """
+    pk, model = facts.pk, facts.model
+    if len(pk) == 1:
+        return (coerce_value(model, pk[0], id),)
+    if isinstance(id, dict) and set(id) == set(pk):
+        values = [id[key] for key in pk]
+    elif isinstance(id, (tuple, list)) and len(id) == len(pk):
+        values = list(id)
+    else:
+        msg = f"{model.__name__} has a composite key {pk}: give a tuple or dict"
+        raise ValidationError(msg, field="id")
+    return tuple(
+        coerce_value(model, key, value) for key, value in zip(pk, values, strict=True)
+    )
+
+
+def relationships(facts: Facts, load: Iterable[str]) -> tuple[str, ...]:
+    """Check `load` names relationships of the model; return them."""
+    known = facts.mapper.relationships
+    names = tuple(load)
+    for name in names:
+        if not isinstance(name, str) or name not in known:
+            msg = f"{facts.model.__name__} has no relationship {name!r} to load"
+            raise ValidationError(msg, field=str(name)[:64])
+    return names
+
+
+def total_order(
+    facts: Facts, order_by: OrderBy, *, default: bool = False
+) -> list[OrderSpec]:
+    """The requested order ended by the primary key, so rows never tie.
+
+    With `default`, no order means `created_at` where the model has it.
+    """
+    if order_by is None and default and facts.has_created_at:
+        order_by = "created_at"
+    cached = order_by if isinstance(order_by, str) else None
+    known = facts.orders.get(cached) if cached is not None else None
+    if known is not None:
+        return list(known)
+    specs = parse_order_by(facts.model, order_by)
+    descending = specs[0].descending if specs else False
+    named = {spec.name for spec in specs}
+    specs += [OrderSpec(key, descending) for key in facts.pk if key not in named]
+    if cached is not None and len(facts.orders) < MAX_SHAPES:
+        facts.orders[cached] = tuple(specs)  # a checked string, parsed once
+    return specs

@@ -192,3 +192,45 @@ def decode_cursor(
         msg = "invalid cursor"
         raise ValidationError(msg, field="cursor")
     return values
+
+
+_CURSOR_CONFIG = pydantic.ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+_CURSOR_ADAPTERS: dict[
+    tuple[type[Any], tuple[str, ...]], pydantic.TypeAdapter[Any]
+] = {}
+
+
+def cursor_adapter(
+    model: type[Any], names: tuple[str, ...]
+) -> pydantic.TypeAdapter[Any]:
+    """Values of a keyset's sort columns to JSON and back, typed by the fields."""
+    key = (model, names)
+    adapter = _CURSOR_ADAPTERS.get(key)
+    if adapter is None:
+        fields = [model.model_fields[name].annotation for name in names]
+        shape: Any = tuple[tuple(fields)]  # type: ignore[misc]
+        adapter = _CURSOR_ADAPTERS[key] = pydantic.TypeAdapter(
+            shape, config=_CURSOR_CONFIG
+        )
+    return adapter
+
+
+def cursor_position(
+    cursor: str,
+    binding: str,
+    adapter: pydantic.TypeAdapter[Any],
+    security: SecurityConfig | None = None,
+) -> tuple[Any, ...]:
+    """The typed sort values a cursor made by `encode_cursor` holds.
+
+    Raises:
+        ValidationError: the cursor is malformed, tampered with, foreign, or
+            its values do not fit the sort columns.
+    """
+    raw = decode_cursor(cursor, binding, security)
+    try:
+        position: tuple[Any, ...] = adapter.validate_json(json.dumps(raw))
+    except pydantic.ValidationError:
+        msg = "invalid cursor"
+        raise ValidationError(msg, field="cursor") from None
+    return position

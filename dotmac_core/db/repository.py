@@ -20,36 +20,43 @@ runs; this module only shapes the results.
 from __future__ import annotations
 
 import builtins
-import json
 from typing import (
     TYPE_CHECKING,
     Any,
     ClassVar,
     Generic,
     TypeVar,
-    cast,
     get_args,
     get_origin,
 )
 
-import pydantic
-from sqlalchemy import UniqueConstraint, inspect
-from sqlalchemy.orm import RelationshipDirection
+from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
 from ..exceptions import (
     AlreadyExistsError,
     NotFoundError,
     ValidationError,
-    translate_errors,
 )
-from ..tenancy import current_user_id
 from . import _bulk, _executor, _rows
 from . import _query as build
+from . import _writes as writes
+from ._facts import facts_of
 from ._types import utc_now
-from ._validation import validated_changes, validated_rows, validated_values
+from ._validation import (
+    conflict_target,
+    key_values,
+    keyset_order,
+    relationships,
+    scoping_for,
+    total_order,
+    upsert_updates,
+    validated_changes,
+    validated_rows,
+    validated_values,
+)
 from .database import Database, get_database
-from .filters import OrderBy, OrderSpec, coerce_value, parse_filters, parse_order_by
+from .filters import OrderBy, parse_filters
 from .pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -57,25 +64,23 @@ from .pagination import (
     PaginationParams,
     PaginationResult,
     check_page,
-    decode_cursor,
+    cursor_adapter,
+    cursor_position,
     encode_cursor,
 )
 from .scoping import check_new_rows, current_scope
-from .transaction import TransactionManager
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
     from ..config import SecurityConfig
-    from ._query import Facts, Query, Scoping
+    from ._facts import Facts, Scoping
+    from ._query import Query
     from .session import AsyncSession
 
 __all__ = ["AsyncRepository"]
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
-
-#: Columns an upsert never overwrites on the existing row (besides its key).
-_KEPT_ON_CONFLICT = frozenset({"created_at", "created_by", "tenant_id"})
 
 
 class AsyncRepository(Generic[ModelT]):
@@ -120,74 +125,16 @@ class AsyncRepository(Generic[ModelT]):
         self._security = security
         # Looked up here, not at class definition: relationships may name
         # classes defined later.
-        self._f: Facts = build.facts_of(self.model)
+        self._f: Facts = facts_of(self.model)
 
     # --- input ---------------------------------------------------------------
 
     def _scoping(
         self, what: str, *, include_deleted: bool = False, only_deleted: bool = False
     ) -> Scoping:
-        facts = self._f
-        if only_deleted and not facts.soft_delete:
-            msg = f"{self.model.__name__} has no soft delete: only_deleted is invalid"
-            raise ValidationError(msg, field="only_deleted")
-        tenant = None
-        if facts.tenant:
-            tenant = current_scope().require(f"{what} {self.model.__name__}")
-        deleted: build.Deleted | None = None
-        if facts.soft_delete:
-            deleted = "only" if only_deleted else "any" if include_deleted else "live"
-        return build.Scoping(tenant, deleted)
-
-    def _key(self, id: Any) -> tuple[Any, ...]:
-        """The primary key `id` as checked values in `Facts.pk` order.
-
-        A composite key is given as a tuple in key order or a dict by attribute.
-        """
-        pk = self._f.pk
-        if len(pk) == 1:
-            return (coerce_value(self.model, pk[0], id),)
-        if isinstance(id, dict) and set(id) == set(pk):
-            values = [id[key] for key in pk]
-        elif isinstance(id, (tuple, builtins.list)) and len(id) == len(pk):
-            values = builtins.list(id)
-        else:
-            msg = (
-                f"{self.model.__name__} has a composite key {pk}: give a tuple or dict"
-            )
-            raise ValidationError(msg, field="id")
-        return tuple(
-            coerce_value(self.model, key, value)
-            for key, value in zip(pk, values, strict=True)
+        return scoping_for(
+            self._f, what, include_deleted=include_deleted, only_deleted=only_deleted
         )
-
-    def _load(self, load: Iterable[str]) -> tuple[str, ...]:
-        relationships = self._f.mapper.relationships
-        names = tuple(load)
-        for name in names:
-            if not isinstance(name, str) or name not in relationships:
-                msg = f"{self.model.__name__} has no relationship {name!r} to load"
-                raise ValidationError(msg, field=str(name)[:64])
-        return names
-
-    def _order(self, order_by: OrderBy, *, default: bool = False) -> list[OrderSpec]:
-        """The requested order ended by the primary key, so rows never tie.
-
-        With `default`, no order means `created_at` where the model has it.
-        """
-        if order_by is None and default and self._f.has_created_at:
-            order_by = "created_at"
-        cached = order_by if isinstance(order_by, str) or order_by is None else None
-        known = self._f.orders.get(cached) if cached is not None else None
-        if known is not None:
-            return builtins.list(known)
-        specs = parse_order_by(self.model, order_by)
-        descending = specs[0].descending if specs else False
-        named = {spec.name for spec in specs}
-        specs += [OrderSpec(key, descending) for key in self._f.pk if key not in named]
-        if cached is not None and len(self._f.orders) < build.MAX_SHAPES:
-            self._f.orders[cached] = tuple(specs)  # a checked string, parsed once
-        return specs
 
     def _context(self) -> dict[str, Any]:
         return {"session": self._session, "db": self._db}
@@ -202,7 +149,7 @@ class AsyncRepository(Generic[ModelT]):
 
     async def _rows(self, query: Query) -> builtins.list[ModelT]:
         objects = (await _executor.rows(query, **self._context())).objects
-        if query.write and self._dialect() == "sqlite":
+        if query.write and _executor.dialect_of(self._session, self._db) == "sqlite":
             _rows.floats_as_read(self._f, objects)
         return objects
 
@@ -211,7 +158,9 @@ class AsyncRepository(Generic[ModelT]):
     ) -> ModelT | None:
         """Return the row with this primary key, or `None`."""
         scoping = self._scoping("loading", include_deleted=include_deleted)
-        query = build.get(self._f, self._key(id), scoping, load=self._load(load))
+        query = build.get(
+            self._f, key_values(self._f, id), scoping, load=relationships(self._f, load)
+        )
         rows = await self._rows(query)
         return rows[0] if rows else None
 
@@ -262,10 +211,10 @@ class AsyncRepository(Generic[ModelT]):
             self._scoping(
                 "querying", include_deleted=include_deleted, only_deleted=only_deleted
             ),
-            self._order(order_by),
+            total_order(self._f, order_by),
             limit=limit,
             offset=offset,
-            load=self._load(load),
+            load=relationships(self._f, load),
         )
         return await self._rows(query)
 
@@ -318,7 +267,7 @@ class AsyncRepository(Generic[ModelT]):
         """
         values = validated_values(self.model, data)
         self._check_new((values,))
-        (row,) = await self._rows(build.insert(self._f, values))
+        (row,) = await self._rows(writes.insert(self._f, values))
         if isinstance(data, self.model):
             return _rows.adopt(self._f, data, row)  # type: ignore[no-any-return]
         return row
@@ -341,14 +290,6 @@ class AsyncRepository(Generic[ModelT]):
         )
         return made
 
-    def _edits(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        """Validated changes plus the acting user as `updated_by`."""
-        changes = validated_changes(self.model, data)
-        user = current_user_id()
-        if changes and user is not None and "updated_by" in self._f.column:
-            changes["updated_by"] = user
-        return changes
-
     async def update(self, id: Any, data: Mapping[str, Any]) -> ModelT:
         """Apply the changes in `data` to the row with this key; return it as stored.
 
@@ -359,14 +300,16 @@ class AsyncRepository(Generic[ModelT]):
             NotFoundError: no such row (for this tenant).
             ValidationError: a field is unknown, protected or invalid.
         """
-        changes = self._edits(data)
+        changes = validated_changes(self._f, data)
         if not changes:
             row = await self.get_by_id(id)
             if row is None:
                 raise self._not_found(id)
             return row
-        scoping = self._scoping("update of")
-        rows = await self._rows(build.update(self._f, self._key(id), changes, scoping))
+        key = key_values(self._f, id)
+        rows = await self._rows(
+            writes.update(self._f, key, changes, self._scoping("update of"))
+        )
         if not rows:
             raise self._not_found(id)
         return rows[0]
@@ -375,11 +318,11 @@ class AsyncRepository(Generic[ModelT]):
         self, filters: Mapping[str, Any] | None, data: Mapping[str, Any]
     ) -> int:
         """Apply `data` to every row matching `filters`; return how many changed."""
-        changes = self._edits(data)
+        changes = validated_changes(self._f, data)
         if not changes:
             return 0
         terms = parse_filters(self.model, filters)
-        query = build.update_where(self._f, terms, changes, self._scoping("update of"))
+        query = writes.update_where(self._f, terms, changes, self._scoping("update of"))
         return await _executor.rowcount(query, **self._context())
 
     async def delete(self, id: Any, *, hard: bool = False) -> bool:
@@ -391,9 +334,9 @@ class AsyncRepository(Generic[ModelT]):
         Returns:
             Whether a row was deleted.
         """
-        key = self._key(id)
+        key = key_values(self._f, id)
         if not hard and self._f.soft_delete:
-            query = build.update_where(
+            query = writes.update_where(
                 self._f,
                 [],
                 {"deleted_at": utc_now()},
@@ -402,20 +345,12 @@ class AsyncRepository(Generic[ModelT]):
             )
             return bool(await _executor.rowcount(query, **self._context()))
         scoping = self._scoping("delete of", include_deleted=True)
-        if _cascades(self._f):
-            return await self._delete_with_cascades(key, scoping)
-        query = build.delete(self._f, key, scoping)
+        if _executor.cascades(self._f):
+            return await _executor.delete_as_session_does(
+                build.get(self._f, key, scoping), **self._context()
+            )
+        query = writes.delete(self._f, key, scoping)
         return bool(await _executor.rowcount(query, **self._context()))
-
-    async def _delete_with_cascades(
-        self, key: tuple[Any, ...], scoping: Scoping
-    ) -> bool:
-        session = _executor.session_of(self._session)
-        if session is None:
-            async with TransactionManager(self._db) as tx:
-                return await _orm_delete(tx.session, self._f, key, scoping)
-        with translate_errors():
-            return await _orm_delete(session, self._f, key, scoping)
 
     async def restore(self, id: Any) -> ModelT:
         """Undo a soft delete and return the row as stored.
@@ -428,7 +363,9 @@ class AsyncRepository(Generic[ModelT]):
             msg = f"{self.model.__name__} has no soft delete: nothing to restore"
             raise ValidationError(msg, field="id")
         scoping = self._scoping("restore of", only_deleted=True)
-        query = build.update(self._f, self._key(id), {"deleted_at": None}, scoping)
+        query = writes.update(
+            self._f, key_values(self._f, id), {"deleted_at": None}, scoping
+        )
         rows = await self._rows(query)
         if not rows:
             raise self._not_found(id)
@@ -450,33 +387,16 @@ class AsyncRepository(Generic[ModelT]):
         """
         facts = self._f
         values = validated_values(self.model, data)
-        target = _conflict_target(facts, conflict_on)
+        target = conflict_target(facts, conflict_on)
         self._check_new((values,))
-        # An existing row changes only in the fields the caller gave (all of
-        # them for a model object); omitted fields keep their stored values.
-        given = (
-            facts.keys
-            if isinstance(data, self.model)
-            else cast("Mapping[str, Any]", data)
-        )
-        keep = {*facts.pk, *_KEPT_ON_CONFLICT, *target, "updated_by"}
-        updates = [key for key in facts.keys if key in given and key not in keep]
-        if "updated_at" in facts.column:
-            updates.append("updated_at")
-        if "updated_by" in facts.column and current_user_id() is not None:
-            updates.append("updated_by")
-        query = build.upsert(facts, self._dialect(), values, target, updates)
+        updates = upsert_updates(facts, data, target)
+        dialect = _executor.dialect_of(self._session, self._db)
+        query = writes.upsert(facts, dialect, values, target, updates)
         rows = await self._rows(query)
         if not rows:
             msg = f"{self.model.__name__} key {builtins.list(target)} is taken"
             raise AlreadyExistsError(msg, constraint=",".join(target))
         return rows[0]
-
-    def _dialect(self) -> str:
-        session = _executor.session_of(self._session)
-        if session is not None and session.bind is not None:
-            return str(session.bind.dialect.name)
-        return (self._db or get_database()).dialect
 
     # --- pages ---------------------------------------------------------------
 
@@ -511,7 +431,7 @@ class AsyncRepository(Generic[ModelT]):
             self._f,
             terms,
             scoping,
-            self._order(order_by, default=True),
+            total_order(self._f, order_by, default=True),
             limit=size,
             offset=offset,
             total=with_total,
@@ -520,14 +440,14 @@ class AsyncRepository(Generic[ModelT]):
         rows, total, more = await _executor.rows(query, **self._context())
         if with_total and total is None:
             # No row carried the total: an empty result, or a page past the end.
-            total = 0 if offset == 0 else await self._count(terms, scoping)
+            if offset:
+                count = build.count(self._f, terms, scoping)
+                total = int(await _executor.scalar(count, **self._context()))
+            else:
+                total = 0
         return PaginationResult[ModelT].build(
             rows, page=page, size=size, total=total, more=more
         )
-
-    async def _count(self, terms: Sequence[Any], scoping: Scoping) -> int:
-        query = build.count(self._f, terms, scoping)
-        return int(await _executor.scalar(query, **self._context()))
 
     async def paginate(
         self,
@@ -566,21 +486,12 @@ class AsyncRepository(Generic[ModelT]):
         """
         check_page(1, size, MAX_PAGE_SIZE)
         facts = self._f
-        order = self._order(order_by, default=True)
-        for spec in order:
-            if facts.column[spec.name].nullable:
-                msg = f"keyset order needs NOT NULL columns; {spec.name!r} is nullable"
-                raise ValidationError(msg, field="order_by")
+        order = keyset_order(facts, order_by)
         binding = f"{facts.table.name}|{','.join(str(spec) for spec in order)}"
-        adapter = _cursor_adapter(self.model, tuple(spec.name for spec in order))
+        adapter = cursor_adapter(self.model, tuple(spec.name for spec in order))
         position = None
         if cursor is not None:
-            raw = decode_cursor(cursor, binding, self._security)
-            try:
-                position = adapter.validate_json(json.dumps(raw))
-            except pydantic.ValidationError:
-                msg = "invalid cursor"
-                raise ValidationError(msg, field="cursor") from None
+            position = cursor_position(cursor, binding, adapter, self._security)
         query = build.rows(
             facts,
             parse_filters(self.model, filters),
@@ -599,77 +510,3 @@ class AsyncRepository(Generic[ModelT]):
         return CursorPage[ModelT].model_construct(
             items=rows, next_cursor=next_cursor, size=size
         )
-
-
-_CURSOR_CONFIG = pydantic.ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
-_CURSOR_ADAPTERS: dict[
-    tuple[type[Any], tuple[str, ...]], pydantic.TypeAdapter[Any]
-] = {}
-
-
-def _cursor_adapter(
-    model: type[Any], names: tuple[str, ...]
-) -> pydantic.TypeAdapter[Any]:
-    """Values of the sort columns to JSON and back, typed by the model's fields."""
-    key = (model, names)
-    adapter = _CURSOR_ADAPTERS.get(key)
-    if adapter is None:
-        fields = [model.model_fields[name].annotation for name in names]
-        shape: Any = tuple[tuple(fields)]  # type: ignore[misc]
-        adapter = _CURSOR_ADAPTERS[key] = pydantic.TypeAdapter(
-            shape, config=_CURSOR_CONFIG
-        )
-    return adapter
-
-
-def _cascades(facts: Facts) -> bool:
-    """Whether deleting a row is more than a DELETE to the ORM (its relationships)."""
-    return any(
-        rel.direction is not RelationshipDirection.MANYTOONE or rel.cascade.delete
-        for rel in facts.mapper.relationships
-    )
-
-
-async def _orm_delete(
-    session: AsyncSession, facts: Facts, key: tuple[Any, ...], scoping: Scoping
-) -> bool:
-    """`session.delete()` of the row (found with the scoping), then a flush."""
-    objects = (
-        await _executor.rows(build.get(facts, key, scoping), session=session)
-    ).objects
-    if not objects:
-        return False
-    await session.delete(objects[0])
-    await session.flush()
-    return True
-
-
-def _conflict_target(facts: Facts, conflict_on: Sequence[str]) -> tuple[str, ...]:
-    """The conflict key: `conflict_on`, plus `tenant_id` where a constraint has it."""
-    if isinstance(conflict_on, str) or not conflict_on:
-        msg = "conflict_on must be a non-empty list of column names"
-        raise ValidationError(msg, field="conflict_on")
-    for name in conflict_on:
-        if name not in facts.column:
-            msg = f"{facts.model.__name__} has no column {name!r}"
-            raise ValidationError(msg, field="conflict_on")
-    table = facts.table
-    attribute = facts.attribute
-    unique_sets = [frozenset(attribute[c.key] for c in table.primary_key.columns)]
-    unique_sets += [
-        frozenset(attribute[c.key] for c in constraint.columns)
-        for constraint in table.constraints
-        if isinstance(constraint, UniqueConstraint)
-    ]
-    unique_sets += [
-        frozenset(attribute[c.key] for c in index.columns)
-        for index in table.indexes
-        if index.unique
-    ]
-    wanted = frozenset(conflict_on)
-    if facts.tenant and wanted | {"tenant_id"} in unique_sets:
-        return (*conflict_on, *(() if "tenant_id" in wanted else ("tenant_id",)))
-    if wanted in unique_sets:
-        return tuple(conflict_on)
-    msg = f"{facts.model.__name__} has no unique constraint on {sorted(wanted)}"
-    raise ValidationError(msg, field="conflict_on")

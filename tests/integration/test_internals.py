@@ -21,8 +21,9 @@ from sqlmodel import Field
 from sqlmodel.main import default_registry
 
 from dotmac_core import AsyncRepository, Database, DBBaseModel, TransactionManager
-from dotmac_core.db import _executor, _pool, _query, _rows
+from dotmac_core.db import _executor, _pool, _query, _rows, _writes
 from dotmac_core.db._driver import compile_query
+from dotmac_core.db._facts import Scoping, facts_of
 from dotmac_core.db._types import UTCDateTime, uuid7, uuid7_batch
 from dotmac_core.db.filters import parse_filters
 
@@ -77,9 +78,9 @@ def test_compiled_statement_attributes_the_driver_reads(db: Database) -> None:
     `insert_prefetch` / `update_prefetch`, `literal_execute_params` /
     `post_compile_params` and `BindParameter.required` / `effective_value`.
     """
-    facts = _query.facts_of(Tag)
+    facts = facts_of(Tag)
     dialect = db.engine.dialect
-    insert = _query.insert(facts, {"label": "x", "id": uuid7()})
+    insert = _writes.insert(facts, {"label": "x", "id": uuid7()})
     compiled: Any = insert.statement.compile(
         dialect=dialect, column_keys=insert.column_keys
     )
@@ -91,7 +92,7 @@ def test_compiled_statement_attributes_the_driver_reads(db: Database) -> None:
     fixed = [limited.binds[n] for n in limited.positiontup]
     assert next(b.effective_value for b in fixed if not b.required) == 7
     many = _query.rows(
-        facts, parse_filters(Tag, {"label__in": ["a"]}), _query.Scoping(None, None), ()
+        facts, parse_filters(Tag, {"label__in": ["a"]}), Scoping(None, None), ()
     )
     expanding: Any = many.statement.compile(dialect=dialect)
     assert expanding.post_compile_params or expanding.literal_execute_params
@@ -113,7 +114,7 @@ async def test_materialised_objects_match_loaded_ones(db: Database) -> None:
         assert loaded is not None
     finally:
         await engine.dispose()
-    facts = _query.facts_of(Tag)
+    facts = facts_of(Tag)
     (built,) = _rows.detached(facts, [[getattr(loaded, k) for k in facts.keys]])
     for state in (inspect(loaded), inspect(built)):
         assert state.detached
@@ -161,7 +162,7 @@ def test_listener_collections_tell_when_someone_observes(db: Database) -> None:
     `_executor._observed` reads them to send observed calls through SQLAlchemy.
     """
     engine = db.engine.sync_engine
-    facts = _query.facts_of(Tag)
+    facts = facts_of(Tag)
     assert not _executor._observed(engine, facts, None)
 
     def listener(*_args: Any, **_kw: Any) -> None:
