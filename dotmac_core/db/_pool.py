@@ -14,6 +14,7 @@ server closed and pings only a connection that sat unused for a while.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PING_AFTER",
     "checkout",
+    "install_cancel_safe_terminate",
     "install_liveness_check",
     "install_sqlite_reset",
     "install_sync_checkout",
@@ -93,6 +95,36 @@ def install_liveness_check(engine: AsyncEngine, *, ping: bool) -> None:
 
     event.listen(pool, "checkin", _on_checkin)
     event.listen(pool, "checkout", _on_checkout)
+
+
+def install_cancel_safe_terminate(engine: AsyncEngine) -> None:
+    """Close an invalidated asyncpg connection at once while its task is cancelled.
+
+    SQLAlchemy invalidates a connection whose statement was cancelled and
+    terminates it with a graceful close that it awaits. Under a cancellation
+    that is delivered again at every await (anyio's cancel scopes, and so
+    `move_on_after` and task groups), that await is cancelled too; the
+    cancellation then leaves the pool's invalidation half done, and the
+    connection stays checked out until the garbage collector finds it. While
+    the task is being cancelled, the connection is aborted without awaiting
+    (asyncpg's public, synchronous `terminate()`); otherwise SQLAlchemy's own
+    graceful close runs.
+    """
+    dialect: Any = engine.sync_engine.dialect
+    graceful = dialect.do_terminate
+
+    def do_terminate(dbapi_connection: DBAPIConnection) -> None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: the garbage collector's case
+            task = None
+        if task is not None and task.cancelling():
+            driver: Any = dbapi_connection.driver_connection
+            driver.terminate()
+            return
+        graceful(dbapi_connection)
+
+    dialect.do_terminate = do_terminate
 
 
 def install_sync_checkout(engine: AsyncEngine) -> None:

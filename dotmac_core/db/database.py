@@ -17,7 +17,12 @@ from ..config import DatabaseConfig
 from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
 from ._driver import DriverExecutor, register_driver
-from ._pool import install_liveness_check, install_sqlite_reset, install_sync_checkout
+from ._pool import (
+    install_cancel_safe_terminate,
+    install_liveness_check,
+    install_sqlite_reset,
+    install_sync_checkout,
+)
 from .models import DBBaseModel
 from .session import AsyncSession
 
@@ -88,6 +93,7 @@ class Database:
                 install_sqlite_reset(self.engine)
         else:
             install_liveness_check(self.engine, ping=config.pool_pre_ping)
+            install_cancel_safe_terminate(self.engine)
         if driver:
             install_sync_checkout(self.engine)
             register_driver(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import warnings
 
 import anyio
 import pytest
@@ -189,6 +191,30 @@ async def test_cancelled_transactions_leak_nothing(db: Database) -> None:
     assert flushed >= 1
     assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert await Tags().count() == 0
+
+
+@pytest.mark.parametrize(
+    "db", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_statement_cancelled_by_a_scope_closes_its_connection(
+    db: Database,
+) -> None:
+    """A statement cancelled by a cancel scope leaves no connection half closed.
+
+    SQLAlchemy terminates the connection of a cancelled statement with a close
+    it awaits; an anyio scope cancels that await too. The connection must be
+    closed at once all the same, not left to the garbage collector.
+    """
+    for _ in range(5):
+        with anyio.move_on_after(0.05):
+            async with db.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT pg_sleep(5)")
+    pool = db.engine.pool
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    # A connection left half closed is found here: "unclosed transport".
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        gc.collect()
 
 
 async def test_hundred_concurrent_transactions_commit(db: Database) -> None:
