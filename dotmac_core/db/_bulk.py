@@ -26,6 +26,7 @@ from ..exceptions import translate_errors
 from . import _executor, _rows
 from ._driver import evaluate_default
 from ._rows import batch_allocation
+from ._validation import per_call_fields
 from ._writes import by_column, insert_values
 from .scoping import SCOPED
 from .transaction import TransactionManager
@@ -84,7 +85,9 @@ def _fill_defaults(facts: Facts, rows: Sequence[dict[str, Any]]) -> None:
     """Give each `None` the column's Python default, as an INSERT would (in place).
 
     SQLAlchemy treats `None` as "not given" (unless the type stores `None`
-    as a value) and computes the column's default for the row instead.
+    as a value) and computes the column's default for the row instead. A
+    default that depends on the call only (the clock, the acting user, the
+    tenant: see `_validation`) is computed once for the batch.
     """
     fill = [
         (key, column, column.default)
@@ -93,12 +96,20 @@ def _fill_defaults(facts: Facts, rows: Sequence[dict[str, Any]]) -> None:
     ]
     if not fill:
         return
+    once = per_call_fields(facts.model)
     by_attribute = all(facts.attribute[key] == key for key in facts.attribute)
-    for row in rows:
-        for key, column, default in fill:
+    for key, column, default in fill:
+        shared: list[Any] = []
+        per_call = facts.attribute[key] in once
+        for row in rows:
             if row[key] is None:
+                if shared:
+                    row[key] = shared[0]
+                    continue
                 parameters = row if by_attribute else by_column(facts, row)
                 row[key] = evaluate_default(default, column, parameters)
+                if per_call:
+                    shared.append(row[key])
 
 
 async def _copy(
@@ -177,6 +188,9 @@ _NOTHING = object()
 
 
 def _processed(values: list[Any], process: Any) -> list[Any]:
+    first = values[0] if values else None
+    if values and all(value is first for value in values):  # one shared value (or None)
+        return [process(first)] * len(values)
     done = []
     last_in: Any = _NOTHING
     last_out: Any = None

@@ -62,6 +62,56 @@ def _direct(facts: Facts) -> bool:
     return direct
 
 
+def _slots(cls: type[Any]) -> list[str]:
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return [name for name in names if name not in ("__dict__", "__weakref__")]
+
+
+def _blank(obj: Any) -> dict[str, Any]:
+    """What a new, empty instance holds: its slots' values and its dict."""
+    held = {name: getattr(obj, name, _UNSET) for name in _slots(type(obj))}
+    held["__dict__"] = dict(obj.__dict__)
+    return held
+
+
+_UNSET = object()
+
+
+def _maker(cls: Any) -> Any:
+    """`cls.__new__`, or a cheaper call that makes the very same empty instance.
+
+    SQLModel's `__new__` creates the object and gives the pydantic slots
+    their empty values (no field set yet, no extra, no private values). For a
+    class whose `__new__` leaves exactly those slots, set in that way, and
+    an empty dict, the object is made directly, at a third of the cost;
+    checked once per class by comparing both ways' instances slot by slot.
+    """
+    made = _MAKERS.get(cls)
+    if made is not None:
+        return made
+    put = object.__setattr__
+
+    def direct(klass: Any) -> Any:
+        obj = object.__new__(klass)
+        put(obj, "__pydantic_fields_set__", set())
+        put(obj, "__pydantic_extra__", None)
+        put(obj, "__pydantic_private__", None)
+        return obj
+
+    try:
+        same = _blank(cls.__new__(cls)) == _blank(direct(cls))
+    except (AttributeError, TypeError):
+        same = False
+    made = _MAKERS[cls] = direct if same else cls.__new__
+    return made
+
+
+_MAKERS: dict[type[Any], Any] = {}
+
+
 def _objects(
     facts: Facts, pairs: Iterable[tuple[dict[str, Any], tuple[Any, ...]]]
 ) -> list[Any]:
@@ -77,7 +127,7 @@ def _objects(
             made.append(obj)
         return made
     cls: Any = facts.model
-    new = cls.__new__
+    new = _maker(cls)
     for values, key in pairs:
         obj = new(cls)
         state = InstanceState(obj, manager)

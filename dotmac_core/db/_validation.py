@@ -142,6 +142,15 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
 _PER_CALL_FACTORIES = frozenset({utc_now, current_user_id, stamp_tenant})
 
 
+def per_call_fields(model: type[Any]) -> frozenset[str]:
+    """The fields of `model` whose default factory depends on the call only."""
+    return frozenset(
+        name
+        for name, field in model.model_fields.items()
+        if field.default_factory in _PER_CALL_FACTORIES
+    )
+
+
 def _shared_defaults(model: type[Any]) -> dict[str, Any]:
     """Values of `model`'s per-call default factories, evaluated once.
 
@@ -240,6 +249,16 @@ def upsert_updates(facts: Facts, data: object, target: Sequence[str]) -> list[st
     if "updated_by" in facts.column and current_user_id() is not None:
         updates.append("updated_by")
     return updates
+
+
+def check_bounds(**bounds: int | None) -> None:
+    """Refuse a `limit` / `offset` that is not an int >= 0 (`None`: no bound)."""
+    for name, value in bounds.items():
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            msg = f"{name} must be an int >= 0, got {value!r}"
+            raise ValidationError(msg, field=name)
 
 
 def keyset_order(facts: Facts, order_by: OrderBy) -> list[OrderSpec]:

@@ -20,30 +20,19 @@ runs; this module only shapes the results.
 from __future__ import annotations
 
 import builtins
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    ClassVar,
-    Generic,
-    TypeVar,
-    get_args,
-    get_origin,
-)
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-from ..exceptions import (
-    AlreadyExistsError,
-    NotFoundError,
-    ValidationError,
-)
+from ..exceptions import AlreadyExistsError, NotFoundError, ValidationError
 from . import _bulk, _executor, _rows
 from . import _query as build
 from . import _writes as writes
 from ._facts import facts_of
 from ._types import utc_now
 from ._validation import (
+    check_bounds,
     conflict_target,
     key_values,
     keyset_order,
@@ -199,12 +188,7 @@ class AsyncRepository(Generic[ModelT]):
         only_deleted: bool = False,
     ) -> builtins.list[ModelT]:
         """Return the rows matching `filters`, in `order_by` order (then by key)."""
-        for name, value in (("limit", limit), ("offset", offset)):
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 0
-            ):
-                msg = f"{name} must be an int >= 0, got {value!r}"
-                raise ValidationError(msg, field=name)
+        check_bounds(limit=limit, offset=offset)
         query = build.rows(
             self._f,
             parse_filters(self.model, filters),

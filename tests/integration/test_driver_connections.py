@@ -108,6 +108,38 @@ async def test_idle_connection_is_pinged(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("way", ["driver", "session"])
+async def test_idle_connection_is_reused_not_replaced(
+    pg_factory: PgFactory, way: str
+) -> None:
+    """A healthy connection idle past PING_AFTER passes its ping and is kept.
+
+    The same server backend (`pg_backend_pid()`) answers before and after the
+    pause, on both checkouts: the ping never mistakes a live connection for a
+    dead one and reconnects.
+    """
+    db = await pg_factory(pool_size=1, max_overflow=0)
+
+    async def backend_pid() -> int:
+        if way == "session":
+            async with db.engine.connect() as conn:
+                return int(
+                    (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                )
+        fairy = await _pool.checkout(db.engine, sync=True)
+        try:
+            driver: Any = fairy.driver_connection
+            return int(await driver.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await greenlet_spawn(fairy.close)
+
+    before = await backend_pid()
+    await anyio.sleep(_pool.PING_AFTER + 0.5)
+    assert await backend_pid() == before
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
 async def test_cancelled_call_closes_its_connection(pg_factory: PgFactory) -> None:
     """A driver call cancelled mid-statement closes its connection."""
     db = await pg_factory()

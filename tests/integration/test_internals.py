@@ -124,7 +124,31 @@ async def test_materialised_objects_match_loaded_ones(db: Database) -> None:
         assert all(not state.attrs[k].history.has_changes() for k in facts.keys)
     assert inspect(built).unloaded == inspect(loaded).unloaded
     assert built.__pydantic_fields_set__ == loaded.__pydantic_fields_set__
+    assert built.__pydantic_extra__ == loaded.__pydantic_extra__
+    assert built.__pydantic_private__ == loaded.__pydantic_private__
     assert built.model_dump() == loaded.model_dump()
+
+
+def test_sqlmodel_new_only_sets_the_pydantic_slots() -> None:
+    """SQLModel's `__new__` leaves the three pydantic slots empty, nothing more.
+
+    `_rows` then makes instances without it (checked per class the same way);
+    a class whose `__new__` does more keeps its `__new__`.
+    """
+    assert _rows._maker(Tag) is not Tag.__new__
+    blank = Tag.__new__(Tag)
+    assert blank.__dict__ == {}
+    assert blank.__pydantic_fields_set__ == set()
+    assert blank.__pydantic_extra__ is None
+    assert blank.__pydantic_private__ is None
+
+    class Stamped(Tag):
+        def __new__(cls, *args: object, **kwargs: object) -> Stamped:
+            made = super().__new__(cls)
+            object.__setattr__(made, "__pydantic_extra__", {"stamp": 1})
+            return made
+
+    assert _rows._maker(Stamped) is Stamped.__new__
 
 
 def test_transient_to_detached_keeps_the_instance() -> None:
