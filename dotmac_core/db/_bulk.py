@@ -6,8 +6,9 @@ the client and nobody observes the engine, the rows go through one `COPY`
 processor as an INSERT would convert it, and the Python defaults of columns a
 row leaves out evaluated as SQLAlchemy evaluates them. Otherwise (SQLite, a
 column the database fills, such as a serial key or a `server_default`, or
-someone listening) SQLAlchemy's ORM bulk INSERT writes them, in batches, and
-returns what the database generated, in input order.
+someone listening) SQLAlchemy writes them in one executemany (Core's, or the
+ORM's when rows name different columns) and returns what the database
+generated, in input order.
 
 Either way the objects returned hold the rows as written: the validated
 values, plus the defaults and generated values of the columns a row left
@@ -27,7 +28,7 @@ from . import _executor, _rows
 from ._driver import evaluate_default
 from ._rows import batch_allocation
 from ._validation import per_call_fields
-from ._writes import by_column, insert_values
+from ._writes import by_column
 from .scoping import SCOPED
 from .transaction import TransactionManager
 
@@ -73,12 +74,30 @@ async def write(
         done = await _copy(facts, rows, target, db)
         if done is not None:
             return done
-    given = [insert_values(facts, row) for row in rows]
+    # Python defaults computed here as for the COPY: each `None` they give
+    # is written as NULL (`render_nulls`), as SQLAlchemy writes a default's
+    # `None`, so no row leaves them out and only server-made values need
+    # `RETURNING`. Every other `None` follows SQLAlchemy's rule.
+    _fill_defaults(facts, rows)
+    keep = facts.none_is_value | (_python_defaulted(facts) - generated)
+    given = [
+        {key: value for key, value in row.items() if value is not None or key in keep}
+        for row in rows
+    ]
     with translate_errors():
         if target is not None:
             return await _orm_insert(facts, given, target)
         async with TransactionManager(db) as tx:
             return await _orm_insert(facts, given, tx.session)
+
+
+def _python_defaulted(facts: Facts) -> frozenset[str]:
+    """Attribute keys of the columns with a Python default (scalar or callable)."""
+    return frozenset(
+        key
+        for key, column in facts.column.items()
+        if column.default is not None and not column.default.is_sequence
+    )
 
 
 def _fill_defaults(facts: Facts, rows: Sequence[dict[str, Any]]) -> None:
@@ -89,10 +108,11 @@ def _fill_defaults(facts: Facts, rows: Sequence[dict[str, Any]]) -> None:
     default that depends on the call only (the clock, the acting user, the
     tenant: see `_validation`) is computed once for the batch.
     """
+    defaulted = _python_defaulted(facts) - facts.none_is_value
     fill = [
-        (key, column, column.default)
-        for key, column in facts.column.items()
-        if column.default is not None and key not in facts.none_is_value
+        (key, facts.column[key], facts.column[key].default)
+        for key in facts.keys
+        if key in defaulted
     ]
     if not fill:
         return
@@ -204,7 +224,7 @@ def _processed(values: list[Any], process: Any) -> list[Any]:
 async def _orm_insert(
     facts: Facts, given: Sequence[dict[str, Any]], session: AsyncSession
 ) -> list[Any]:
-    """SQLAlchemy's ORM bulk INSERT, returning what each row left to defaults.
+    """SQLAlchemy's bulk INSERT, returning what each row left to defaults.
 
     A left-out column without any default is NULL, as written: its value is
     `None` (not what its type would read NULL as), as `add_all()` leaves it.
@@ -217,16 +237,27 @@ async def _orm_insert(
         for key in facts.keys
         if key in defaulted and any(key not in row for row in given)
     ]
-    statement: Any = sa_insert(facts.model)
+    names = set(given[0])
+    if all(set(row) == names for row in given):
+        # One key set: SQLAlchemy Core's executemany of `insert(table)`, the
+        # same INSERT without the ORM's per-row bookkeeping.
+        table = facts.table
+        statement: Any = sa_insert(table)
+        returned = [facts.column[key] for key in left_out]
+        columns = all(facts.attribute[key] == key for key in facts.attribute)
+        params = list(given) if columns else [by_column(facts, row) for row in given]
+    else:  # rows name different columns: the ORM groups them
+        statement = sa_insert(facts.model)
+        returned = [getattr(facts.model, key) for key in left_out]
+        params = list(given)
     if left_out:
-        statement = statement.returning(
-            *(getattr(facts.model, key) for key in left_out),
-            sort_by_parameter_order=True,
-        )
+        statement = statement.returning(*returned, sort_by_parameter_order=True)
     if facts.tenant:
         _executor.scope_session(session)
     result = await session.exec(
-        statement, params=list(given), execution_options={SCOPED: True}
+        statement,
+        params=params,
+        execution_options={SCOPED: True, "render_nulls": True},
     )
     written = [dict(row) for row in given]
     if left_out:

@@ -719,6 +719,16 @@ async def test_integer_key_model_crud(route: Route, plain: Plain) -> None:
         "B": stored["B"],
         "C": stored["C"],
     }
+    async with route.scope():  # rows that name different columns, in order
+        mixed = await Heroes().create_many(
+            [{"name": "D"}, {"id": 9000, "name": "E"}, {"name": "F"}]
+        )
+    stored = {hero.name: hero.id for hero in await plain.all(select(DpHero))}
+    assert [(hero.name, hero.id) for hero in mixed] == [
+        ("D", stored["D"]),
+        ("E", 9000),
+        ("F", stored["F"]),
+    ]
     async with route.scope():
         assert await Heroes().delete(made.id)
     assert await plain.get(DpHero, made.id) is None
