@@ -80,45 +80,49 @@ def _blank(obj: Any) -> dict[str, Any]:
 _UNSET = object()
 
 
-def _maker(cls: Any) -> Any:
-    """`cls.__new__`, or a cheaper call that makes the very same empty instance.
+def _plain_new(cls: Any) -> bool:
+    """Whether `cls.__new__` makes just what `_blank_new` makes, more slowly.
 
     SQLModel's `__new__` creates the object and gives the pydantic slots
     their empty values (no field set yet, no extra, no private values). For a
-    class whose `__new__` leaves exactly those slots, set in that way, and
-    an empty dict, the object is made directly, at a third of the cost;
+    class whose `__new__` leaves exactly those slots, set in that way, and an
+    empty dict, `_objects` makes the object directly, at a third of the cost;
     checked once per class by comparing both ways' instances slot by slot.
     """
-    made = _MAKERS.get(cls)
-    if made is not None:
-        return made
-    put = object.__setattr__
-
-    def direct(klass: Any) -> Any:
-        obj = object.__new__(klass)
-        put(obj, "__pydantic_fields_set__", set())
-        put(obj, "__pydantic_extra__", None)
-        put(obj, "__pydantic_private__", None)
-        return obj
-
-    try:
-        same = _blank(cls.__new__(cls)) == _blank(direct(cls))
-    except (AttributeError, TypeError):
-        same = False
-    made = _MAKERS[cls] = direct if same else cls.__new__
-    return made
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        try:
+            plain = _blank(cls.__new__(cls)) == _blank(_blank_new(cls))
+        except (AttributeError, TypeError):
+            plain = False
+        _PLAIN[cls] = plain
+    return plain
 
 
-_MAKERS: dict[type[Any], Any] = {}
+_PLAIN: dict[type[Any], bool] = {}
+_new_object = object.__new__
+_put = object.__setattr__
 
 
-def _objects(
-    facts: Facts, pairs: Iterable[tuple[dict[str, Any], tuple[Any, ...]]]
-) -> list[Any]:
-    """Objects of `facts`' model from (values, primary key) pairs, as loaded."""
+def _blank_new(cls: Any) -> Any:
+    obj = _new_object(cls)
+    _put(obj, "__pydantic_fields_set__", set())
+    _put(obj, "__pydantic_extra__", None)
+    _put(obj, "__pydantic_private__", None)
+    return obj
+
+
+def _objects(facts: Facts, pairs: Iterable[tuple[Any, tuple[Any, ...]]]) -> list[Any]:
+    """Objects of `facts`' model from (values, primary key) pairs, as loaded.
+
+    The values are a mapping or an iterable of (key, value) pairs. The
+    identity key is the mapper's (`identity_key_from_primary_key`), whose
+    documented form is (class, primary key tuple, identity token): made for
+    the first row, then with each row's key in its place.
+    """
     manager = facts.mapper.class_manager
     identity = facts.mapper.identity_key_from_primary_key
-    made = []
+    made: list[Any] = []
     if not _direct(facts):
         for values, key in pairs:
             obj = manager.new_instance()
@@ -127,13 +131,26 @@ def _objects(
             made.append(obj)
         return made
     cls: Any = facts.model
-    new = _maker(cls)
+    plain = _plain_new(cls)
+    new, new_object, put = cls.__new__, _new_object, _put
+    mapped: Any = None
+    token: Any = None
     for values, key in pairs:
-        obj = new(cls)
+        if plain:
+            obj = new_object(cls)
+            put(obj, "__pydantic_fields_set__", set())
+            put(obj, "__pydantic_extra__", None)
+            put(obj, "__pydantic_private__", None)
+        else:
+            obj = new(cls)
         state = InstanceState(obj, manager)
-        state.key = identity(key)
-        values[STATE_ATTR] = state
-        obj.__dict__.update(values)
+        if mapped is None:
+            mapped, _, token = state.key = identity(key)
+        else:
+            state.key = (mapped, key, token)
+        contents = obj.__dict__
+        contents[STATE_ATTR] = state
+        contents.update(values)
         made.append(obj)
     return made
 
@@ -146,11 +163,11 @@ def detached(facts: Facts, rows: Sequence[Sequence[Any]]) -> list[Any]:
     keys = facts.keys
     if len(facts.pk) == 1:  # the usual case, without a call per row for the key
         (at,) = facts.pk_positions
-        pairs = ((dict(zip(keys, row, strict=False)), (row[at],)) for row in rows)
+        pairs = ((zip(keys, row, strict=False), (row[at],)) for row in rows)
         return _objects(facts, pairs)
     key_of = facts.key_of
     return _objects(
-        facts, ((dict(zip(keys, row, strict=False)), key_of(row)) for row in rows)
+        facts, ((zip(keys, row, strict=False), key_of(row)) for row in rows)
     )
 
 
@@ -220,7 +237,7 @@ def floats_as_read(facts: Facts, objects: Iterable[Any]) -> None:
 def from_values(facts: Facts, rows: Iterable[Mapping[str, Any]]) -> list[Any]:
     """Detached objects holding the values of rows just written (every column)."""
     pk = facts.pk
-    return _objects(facts, ((dict(v), tuple(v[k] for k in pk)) for v in rows))
+    return _objects(facts, ((v, tuple(v[k] for k in pk)) for v in rows))
 
 
 @contextmanager
