@@ -138,7 +138,11 @@ class AsyncRepository(Generic[ModelT]):
 
     async def _rows(self, query: Query) -> builtins.list[ModelT]:
         objects = (await _executor.rows(query, **self._context())).objects
-        if query.write and _executor.dialect_of(self._session, self._db) == "sqlite":
+        if (
+            query.write
+            and self._f.float_keys
+            and _executor.dialect_of(self._session, self._db) == "sqlite"
+        ):
             _rows.floats_as_read(self._f, objects)
         return objects
 
