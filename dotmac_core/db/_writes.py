@@ -40,7 +40,7 @@ __all__ = [
     "by_column",
     "delete",
     "insert",
-    "insert_values",
+    "insert_params",
     "update",
     "update_where",
     "upsert",
@@ -50,17 +50,24 @@ _WRITE_OPTIONS = {"populate_existing": True, SCOPED: True}
 _BULK_OPTIONS = {"synchronize_session": "fetch", SCOPED: True}
 
 
-def insert_values(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The values an INSERT names: SQLAlchemy's rule for `None`.
+def insert_params(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters an INSERT names, by column key: SQLAlchemy's rule for `None`.
 
     As the ORM does, a `None` is "not given" (the column's server or Python
     default applies, or NULL), unless the column type turns `None` into a
     value of its own (JSON null).
     """
     keep = facts.none_is_value
+    column = facts.column
     return {
-        key: value for key, value in values.items() if value is not None or key in keep
+        column[key].key: value
+        for key in facts.keys
+        if (value := values.get(key, _ABSENT)) is not _ABSENT
+        and (value is not None or key in keep)
     }
+
+
+_ABSENT = object()
 
 
 def by_column(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,13 +76,13 @@ def by_column(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def insert(facts: Facts, values: Mapping[str, Any]) -> Query:
-    """INSERT of one row (`insert_values` applied) returning the stored row.
+    """INSERT of one row (`insert_params` applied) returning the stored row.
 
     The values are parameters named by column key, as SQLAlchemy names them
     for `insert(table)` executed with a dict: a default that reads
     `context.get_current_parameters()` sees the same names on every route.
     """
-    params = by_column(facts, insert_values(facts, values))
+    params = insert_params(facts, values)
     names = tuple(params)
     shape = ("insert", names)
 
@@ -201,7 +208,7 @@ def upsert(
     On a tenant model the update only touches a row of the inserted row's
     tenant; a conflict with another tenant's row returns no row.
     """
-    params = by_column(facts, insert_values(facts, values))
+    params = insert_params(facts, values)
     names = tuple(params)
     shape = ("upsert", dialect, names, tuple(target), tuple(updates))
 
