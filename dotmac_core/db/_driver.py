@@ -280,15 +280,23 @@ class DriverExecutor:
         engine: The database's engine (its pool and dialect).
         sync_checkout: Whether a waiting connection may be taken without a
             greenlet (the pool does no I/O of its own on checkout).
+        max_overflow: The pool's `max_overflow` (`None`: not known).
     """
 
-    def __init__(self, engine: AsyncEngine, *, sync_checkout: bool) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        sync_checkout: bool,
+        max_overflow: int | None = None,
+    ) -> None:
         self.engine = engine
         self.dialect: Dialect = engine.dialect
         self._via: type[_Asyncpg | _Aiosqlite] = (
             _Asyncpg if self.dialect.name == "postgresql" else _Aiosqlite
         )
         self._sync = sync_checkout
+        self._max_overflow = max_overflow
         self._compiled: dict[tuple[type[Any], Any], Compiled | None] = {}
 
     def compiled(self, query: Query) -> Compiled | None:
@@ -336,7 +344,9 @@ class DriverExecutor:
         socket) is closed, not handed out again: its state is unknown. With
         `retry`, work that found its connection gone runs once more on another.
         """
-        fairy = await checkout(self.engine, sync=self._sync)
+        fairy = await checkout(
+            self.engine, sync=self._sync, max_overflow=self._max_overflow
+        )
         driver: Any = fairy.driver_connection
         try:
             result = await work(driver)

@@ -15,8 +15,11 @@ server closed and pings only a connection that sat unused for a while.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PING_AFTER",
+    "blocking_get_awaits",
     "checkout",
     "install_cancel_safe_terminate",
     "install_liveness_check",
@@ -158,17 +162,21 @@ def install_sqlite_reset(engine: AsyncEngine) -> None:
     event.listen(engine.sync_engine.pool, "reset", _on_reset)
 
 
-async def checkout(engine: AsyncEngine, *, sync: bool) -> PoolProxiedConnection:
+async def checkout(
+    engine: AsyncEngine, *, sync: bool, max_overflow: int | None = None
+) -> PoolProxiedConnection:
     """A connection from `engine`'s pool for the driver path.
 
     With `sync` (the pool's checkout needs no I/O of SQLAlchemy's own: no
     `pool_pre_ping`), a connection waiting in the pool is taken without a
-    greenlet. The caller returns it with `close()` or drops it with
+    greenlet, unless the pool is at its overflow limit (`max_overflow`) on a
+    SQLAlchemy whose blocking queue get awaits before looking for a waiting
+    connection. The caller returns it with `close()` or drops it with
     `invalidate()`.
     """
     pool: Any = engine.sync_engine.pool
     fairy: PoolProxiedConnection | None = None
-    if sync and pool.checkedin():
+    if sync and pool.checkedin() and not _waits(pool, max_overflow):
         _SYNC.active = True
         try:
             fairy = pool.connect()
@@ -186,3 +194,44 @@ async def checkout(engine: AsyncEngine, *, sync: bool) -> PoolProxiedConnection:
             fairy.invalidate()
             fairy = await engine.raw_connection()
     return fairy
+
+
+def _waits(pool: Any, max_overflow: int | None) -> bool:
+    """Whether `pool.connect()` outside a greenlet could await its queue.
+
+    A `QueuePool` at its overflow limit takes a connection with a blocking
+    queue get (`QueuePool.overflow()` against `max_overflow`, as the pool
+    decides); older SQLAlchemy releases await there even when a connection
+    is waiting (`blocking_get_awaits`).
+    """
+    if max_overflow is None:
+        return True  # not known: never risk it
+    if max_overflow < 0:
+        return False  # no limit: the pool never waits
+    overflow = getattr(pool, "overflow", None)
+    if overflow is None:
+        return True
+    return bool(overflow() >= max_overflow and blocking_get_awaits())
+
+
+@functools.cache
+def blocking_get_awaits() -> bool:
+    """Whether SQLAlchemy's asyncio pool queue awaits on a blocking get (once).
+
+    SQLAlchemy 2.1 takes a waiting item first; 2.0 awaits `Queue.get()` at
+    once, which outside a greenlet fails with `MissingGreenlet`. Found by
+    trying it on a queue of one item (the coroutine it leaves is dropped
+    silently).
+    """
+    from sqlalchemy.util.queue import AsyncAdaptedQueue
+
+    queue: Any = AsyncAdaptedQueue()
+    queue.put_nowait(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            return bool(queue.get(block=True, timeout=1.0) != 1)
+        except Exception:  # noqa: BLE001 - MissingGreenlet, or anything else
+            return True
+        finally:
+            gc.collect()

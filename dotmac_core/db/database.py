@@ -99,7 +99,9 @@ class Database:
             register_driver(
                 self.engine.sync_engine,
                 DriverExecutor(
-                    self.engine, sync_checkout=not options.get("pool_pre_ping")
+                    self.engine,
+                    sync_checkout=not options.get("pool_pre_ping"),
+                    max_overflow=options.get("max_overflow"),
                 ),
             )
         self.session_factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
