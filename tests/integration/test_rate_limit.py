@@ -35,25 +35,39 @@ async def _close_limiters() -> AsyncIterator[None]:
 
 @pytest.fixture(params=["redis", "redis-cluster"])
 def configs(request: pytest.FixtureRequest) -> tuple[CacheConfig, CacheConfig]:
-    """Two configs for one Redis (or Redis Cluster) that share no client."""
+    """Two configs for one Redis (or Redis Cluster) that share no client.
+
+    With socket timeouts of seconds, not the 0.25 s default: these tests
+    count exact admissions, and a limiter whose Redis call times out on a busy
+    machine fails open (`test_redis_down_*` cover that behaviour).
+    """
+    patient = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
     if request.param == "redis":
         url: str = request.getfixturevalue("redis_url")
         prefix: str = request.getfixturevalue("redis_prefix")
         # Different pool sizes: two stores, two clients, like two processes.
         return (
             CacheConfig(
-                backend="redis", url=url, key_prefix=prefix, max_connections=20
+                backend="redis",
+                url=url,
+                key_prefix=prefix,
+                max_connections=20,
+                **patient,
             ),
             CacheConfig(
-                backend="redis", url=url, key_prefix=prefix, max_connections=21
+                backend="redis",
+                url=url,
+                key_prefix=prefix,
+                max_connections=21,
+                **patient,
             ),
         )
     cluster: RedisCluster = request.getfixturevalue("redis_cluster")
     prefix = f"dotmac-test:{uuid.uuid4().hex[:12]}:"  # keys expire with the window
     first, second = cluster.urls[:2]  # two startup nodes: two clients
     return (
-        CacheConfig(backend="redis-cluster", url=first, key_prefix=prefix),
-        CacheConfig(backend="redis-cluster", url=second, key_prefix=prefix),
+        CacheConfig(backend="redis-cluster", url=first, key_prefix=prefix, **patient),
+        CacheConfig(backend="redis-cluster", url=second, key_prefix=prefix, **patient),
     )
 
 
