@@ -29,7 +29,7 @@ from ._query import (
 from .scoping import SCOPED
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Hashable, Mapping, Sequence
 
     from sqlalchemy.sql import Executable
 
@@ -70,6 +70,28 @@ def insert_params(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
 _ABSENT = object()
 
 
+def _row_insert(
+    facts: Facts,
+    shape: Hashable,
+    build: Callable[[], tuple[Executable, Executable]],
+    params: dict[str, Any],
+) -> Query:
+    """The query of an INSERT of one row (named by column key) returning it."""
+    core, orm = facts.statements(shape, build)
+    return Query(
+        facts,
+        shape,
+        core,
+        orm,
+        params,
+        "rows",
+        write=True,
+        options=_WRITE_OPTIONS,
+        column_keys=tuple(params),
+        by_attribute=True,
+    )
+
+
 def by_column(facts: Facts, values: Mapping[str, Any]) -> dict[str, Any]:
     """`values` (by attribute) keyed by column key, in the table's order."""
     return {facts.column[key].key: values[key] for key in facts.keys if key in values}
@@ -92,19 +114,7 @@ def insert(facts: Facts, values: Mapping[str, Any]) -> Query:
             sa_insert(facts.model).returning(facts.model),
         )
 
-    core, orm = facts.statements(shape, build)
-    return Query(
-        facts,
-        shape,
-        core,
-        orm,
-        params,
-        "rows",
-        write=True,
-        options=_WRITE_OPTIONS,
-        column_keys=names,
-        by_attribute=True,
-    )
+    return _row_insert(facts, shape, build, params)
 
 
 def update(
@@ -236,16 +246,4 @@ def upsert(
             conflict(dialect_insert(facts.model)).returning(facts.model),
         )
 
-    core, orm = facts.statements(shape, build)
-    return Query(
-        facts,
-        shape,
-        core,
-        orm,
-        params,
-        "rows",
-        write=True,
-        options=_WRITE_OPTIONS,
-        column_keys=names,
-        by_attribute=True,
-    )
+    return _row_insert(facts, shape, build, params)
