@@ -105,6 +105,7 @@ _put = object.__setattr__
 
 
 def _blank_new(cls: Any) -> Any:
+    # The same steps as the loop in `_objects` (inlined there, per row).
     obj = _new_object(cls)
     _put(obj, "__pydantic_fields_set__", set())
     _put(obj, "__pydantic_extra__", None)
