@@ -20,7 +20,7 @@ from ..tenancy import current_user_id
 from ._facts import MAX_SHAPES, Deleted, Facts, Scoping
 from ._rows import batch_allocation
 from ._types import utc_now, uuid7, uuid7_batch
-from .filters import OrderBy, OrderSpec, coerce_value, parse_order_by
+from .filters import OrderBy, OrderSpec, check_texts, coerce_value, parse_order_by
 from .models import stamp_tenant
 from .scoping import current_scope
 
@@ -90,9 +90,11 @@ def validated_values(model: type[Any], data: object) -> dict[str, Any]:
         data = data.model_dump()
     check_keys(model, data)
     try:
-        return dict(input_model(model).model_validate(data).__dict__)
+        values = dict(input_model(model).model_validate(data).__dict__)
     except pydantic.ValidationError as exc:
         raise invalid(model, exc) from exc
+    check_texts(values)
+    return values
 
 
 _LIST_ADAPTERS: dict[type[Any], pydantic.TypeAdapter[list[Any]]] = {}
@@ -133,7 +135,10 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
             checked = adapter.validate_python(data)
         except pydantic.ValidationError:
             return [validated_values(model, item) for item in given]
-        return [dict(row.__dict__) for row in checked]
+        rows = [dict(row.__dict__) for row in checked]
+    for row in rows:
+        check_texts(row)
+    return rows
 
 
 #: Default factories whose value depends on the call, not the row: the clock,
@@ -221,6 +226,7 @@ def validated_changes(facts: Facts, data: Mapping[str, Any]) -> dict[str, Any]:
             msg = f"{model.__name__}.{name} cannot be changed by an update"
             raise ValidationError(msg, field=name)
         changes[name] = validate_field(model, name, value)
+    check_texts(changes)
     user = current_user_id()
     if changes and user is not None and "updated_by" in facts.column:
         changes["updated_by"] = user

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pydantic
-from sqlalchemy import ColumnElement, inspect
+from sqlalchemy import ColumnElement, Enum, String, TypeDecorator, inspect
 
 from ..exceptions import ValidationError
 from ._types import UTCDateTime
@@ -107,6 +107,8 @@ def coerce_value(model: type[Any], name: str, value: Any) -> Any:
     ):
         msg = f"bad value for {name!r}: give a timezone-aware datetime"
         raise ValidationError(msg, field=name)
+    if isinstance(result, str):
+        check_text(name, result)
     return result
 
 
@@ -121,11 +123,46 @@ def _refuses_naive(model: type[Any], name: str) -> bool:
     return column is not None and isinstance(column.type, UTCDateTime)
 
 
-def _like_value(name: str, value: Any) -> str:
+def check_text(name: str, value: str) -> str:
+    """Refuse text no database here stores: NUL characters, lone surrogates.
+
+    PostgreSQL rejects NUL in text and JSON; a lone surrogate cannot be encoded
+    as UTF-8 by any driver. Both are refused before any SQL is built.
+    """
+    problem = None
+    if "\x00" in value:
+        problem = "text may not contain NUL characters"
+    elif not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "text holds a lone surrogate (not valid Unicode)"
+    if problem is not None:
+        error = {"field": name, "message": problem, "type": "text_not_storable"}
+        msg = f"{name!r}: {problem}"
+        raise ValidationError(msg, field=name, details={"errors": [error]})
+    return value
+
+
+def check_texts(values: Mapping[str, Any]) -> None:
+    """`check_text` on every str value of `values` (field name -> value)."""
+    for name, value in values.items():
+        if isinstance(value, str):
+            check_text(name, value)
+
+
+def _like_value(model: type[Any], name: str, value: Any) -> str:
     if not isinstance(value, str):
         msg = f"{name!r}: like / ilike need a str pattern, got {type(value).__name__}"
         raise ValidationError(msg, field=name)
-    return value
+    column = _columns(model).get(name)
+    kind = None if column is None else column.type
+    if isinstance(kind, TypeDecorator):
+        kind = kind.impl_instance
+    if kind is not None and (not isinstance(kind, String) or isinstance(kind, Enum)):
+        msg = f"{name!r}: like / ilike apply to text columns only"
+        raise ValidationError(msg, field=name)
+    return check_text(name, value)
 
 
 def _many(model: type[Any], name: str, value: Any) -> list[Any]:
@@ -189,7 +226,10 @@ def _term(model: type[Any], key: object, value: Any) -> Term:
     if not isinstance(key, str):
         msg = f"filter keys must be str, got {type(key).__name__}"
         raise ValidationError(msg, field=str(key)[:64])
-    name, _, op = key.partition("__")
+    name, separator, op = key.partition("__")
+    if separator and not op:
+        msg = f"filter key {key!r} ends in '__' without an operator"
+        raise ValidationError(msg, field=key[:64])
     op = op or "eq"
     if op not in FILTER_OPERATORS:
         msg = (
@@ -205,7 +245,7 @@ def _term(model: type[Any], key: object, value: Any) -> Term:
     if op in ("in", "not_in"):
         return Term(name, op, _many(model, name, value))
     if op in ("like", "ilike"):
-        return Term(name, op, _like_value(name, value))
+        return Term(name, op, _like_value(model, name, value))
     if value is None and op not in ("eq", "ne"):
         msg = f"{key!r} cannot compare with null; use {name}__is_null"
         raise ValidationError(msg, field=name)

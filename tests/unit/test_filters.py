@@ -106,6 +106,14 @@ HOSTILE_FILTERS: list[Any] = [
     {"": 1},
     {"NAME": 1},
     {"name__": 1},
+    {"name__": "ann"},  # a separator without an operator is not eq
+    {"rank__like": "1%"},  # like / ilike only on text columns
+    {"created_at__ilike": "2026%"},
+    {"team_id__like": "0%"},
+    {"name": "a\x00b"},  # NUL: no database stores it in text
+    {"name__like": "a\x00%"},
+    {"name__in": ["ok", "b\x00"]},
+    {"name": "\ud800"},  # a lone surrogate is not valid Unicode
     {"x" * 200: 1},
     {1: 1},
 ]
