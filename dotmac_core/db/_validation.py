@@ -20,8 +20,15 @@ from ..tenancy import current_user_id
 from ._facts import MAX_SHAPES, Deleted, Facts, Scoping
 from ._rows import batch_allocation
 from ._types import utc_now, uuid7, uuid7_batch
-from .filters import OrderBy, OrderSpec, check_texts, coerce_value, parse_order_by
+from .filters import (
+    OrderBy,
+    OrderSpec,
+    check_storable,
+    coerce_value,
+    parse_order_by,
+)
 from .models import stamp_tenant
+from .pagination import MAX_ROWS
 from .scoping import current_scope
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
@@ -93,7 +100,7 @@ def validated_values(model: type[Any], data: object) -> dict[str, Any]:
         values = dict(input_model(model).model_validate(data).__dict__)
     except pydantic.ValidationError as exc:
         raise invalid(model, exc) from exc
-    check_texts(values)
+    check_storable(model, values)
     return values
 
 
@@ -137,7 +144,7 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
             return [validated_values(model, item) for item in given]
         rows = [dict(row.__dict__) for row in checked]
     for row in rows:
-        check_texts(row)
+        check_storable(model, row)
     return rows
 
 
@@ -226,7 +233,7 @@ def validated_changes(facts: Facts, data: Mapping[str, Any]) -> dict[str, Any]:
             msg = f"{model.__name__}.{name} cannot be changed by an update"
             raise ValidationError(msg, field=name)
         changes[name] = validate_field(model, name, value)
-    check_texts(changes)
+    check_storable(model, changes)
     user = current_user_id()
     if changes and user is not None and "updated_by" in facts.column:
         changes["updated_by"] = user
@@ -258,12 +265,14 @@ def upsert_updates(facts: Facts, data: object, target: Sequence[str]) -> list[st
 
 
 def check_bounds(**bounds: int | None) -> None:
-    """Refuse a `limit` / `offset` that is not an int >= 0 (`None`: no bound)."""
+    """Refuse a `limit` / `offset` that is not an int from 0 to `MAX_ROWS`."""
     for name, value in bounds.items():
         if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 0
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= MAX_ROWS
         ):
-            msg = f"{name} must be an int >= 0, got {value!r}"
+            msg = f"{name} must be an int from 0 to {MAX_ROWS}, got {value!r}"
             raise ValidationError(msg, field=name)
 
 

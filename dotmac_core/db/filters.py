@@ -16,7 +16,16 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pydantic
-from sqlalchemy import ColumnElement, Enum, String, TypeDecorator, inspect
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Enum,
+    Integer,
+    SmallInteger,
+    String,
+    TypeDecorator,
+    inspect,
+)
 
 from ..exceptions import ValidationError
 from ._types import UTCDateTime
@@ -109,6 +118,10 @@ def coerce_value(model: type[Any], name: str, value: Any) -> Any:
         raise ValidationError(msg, field=name)
     if isinstance(result, str):
         check_text(name, result)
+    elif type(result) is int:
+        bounds = _int_ranges(model).get(name)
+        if bounds is not None:
+            check_int(name, result, bounds)
     return result
 
 
@@ -144,11 +157,53 @@ def check_text(name: str, value: str) -> str:
     return value
 
 
-def check_texts(values: Mapping[str, Any]) -> None:
-    """`check_text` on every str value of `values` (field name -> value)."""
+def check_storable(model: type[Any], values: Mapping[str, Any]) -> None:
+    """Refuse values of `model`'s fields that its columns cannot store.
+
+    Text is checked by `check_text`; an int must lie in its column type's
+    range (`SmallInteger` 16, `Integer` 32, `BigInteger` 64 bits, as
+    PostgreSQL stores them; SQLite is held to the same ranges so both
+    databases take the same values).
+    """
+    ranges = _int_ranges(model)
     for name, value in values.items():
         if isinstance(value, str):
             check_text(name, value)
+        elif type(value) is int and name in ranges:
+            check_int(name, value, ranges[name])
+
+
+def check_int(name: str, value: int, bounds: tuple[int, int]) -> int:
+    """Refuse an int outside `bounds` (inclusive), naming the field."""
+    low, high = bounds
+    if not low <= value <= high:
+        msg = f"{name!r}: {value} is outside the column's range {low} to {high}"
+        raise ValidationError(msg, field=name)
+    return value
+
+
+_INT_RANGES: dict[type[Any], dict[str, tuple[int, int]]] = {}
+
+
+def _int_ranges(model: type[Any]) -> dict[str, tuple[int, int]]:
+    ranges = _INT_RANGES.get(model)
+    if ranges is None:
+        ranges = {}
+        for name, column in _columns(model).items():
+            kind = column.type
+            if isinstance(kind, TypeDecorator):
+                kind = kind.impl_instance
+            if isinstance(kind, SmallInteger):
+                bits = 16
+            elif isinstance(kind, BigInteger):
+                bits = 64
+            elif isinstance(kind, Integer):
+                bits = 32
+            else:
+                continue
+            ranges[name] = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        _INT_RANGES[model] = ranges
+    return ranges
 
 
 def _like_value(model: type[Any], name: str, value: Any) -> str:

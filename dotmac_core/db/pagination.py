@@ -75,6 +75,13 @@ def check_page(page: object, size: object, max_size: int = MAX_PAGE_SIZE) -> Non
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= max_size:
         msg = f"size must be an int from 1 to {max_size}, got {size!r}"
         raise ValidationError(msg, field="size")
+    if (page - 1) * size > MAX_ROWS:
+        msg = f"page {page} of size {size} starts past the largest offset, {MAX_ROWS}"
+        raise ValidationError(msg, field="page")
+
+
+#: The largest LIMIT / OFFSET the databases take (a signed 64-bit int).
+MAX_ROWS = 2**63 - 1
 
 
 class PaginationResult(pydantic.BaseModel, Generic[T]):

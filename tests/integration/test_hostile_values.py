@@ -57,3 +57,44 @@ async def test_hostile_text_is_refused_before_sql(
     assert sent == []
     rows = await Members().list()
     assert [(m.email, m.name) for m in rows] == [("keep@x.io", "kept")]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: Members().create({"email": "r@x.io", "name": "r", "rank": 2**31}),
+        lambda: Members().create_many(
+            [{"email": "r@x.io", "name": "r", "rank": -(2**31) - 1}]
+        ),
+        lambda: Members().update_many({}, {"rank": 2**40}),
+    ],
+    ids=["create", "create_many", "update_many"],
+)
+async def test_ints_outside_the_column_range_are_refused(
+    call: Callable[[], Awaitable[object]],
+) -> None:
+    """An int a 32-bit column cannot hold is a ValidationError on both databases."""
+    with pytest.raises(ValidationError) as caught:
+        await call()
+    assert caught.value.field == "rank"
+    assert await Members().count() == 0
+    made = await Members().create({"email": "e@x.io", "name": "e", "rank": 2**31 - 1})
+    assert made.rank == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: Members().list(limit=2**63),
+        lambda: Members().list(offset=2**64),
+        lambda: Members().list_paginated(page=2**62, size=10),
+    ],
+    ids=["limit", "offset", "page"],
+)
+async def test_limits_beyond_the_database_range_are_refused(
+    call: Callable[[], Awaitable[object]],
+) -> None:
+    """limit, offset and page numbers past a 64-bit offset: ValidationError."""
+    with pytest.raises(ValidationError) as caught:
+        await call()
+    assert caught.value.field in {"limit", "offset", "page"}

@@ -114,6 +114,8 @@ HOSTILE_FILTERS: list[Any] = [
     {"name__like": "a\x00%"},
     {"name__in": ["ok", "b\x00"]},
     {"name": "\ud800"},  # a lone surrogate is not valid Unicode
+    {"rank": 2**31},  # outside a 32-bit Integer column, on every database
+    {"rank__in": [1, -(2**31) - 1]},
     {"x" * 200: 1},
     {1: 1},
 ]
@@ -170,3 +172,9 @@ def test_aware_datetimes_are_accepted() -> None:
     """A timezone-aware datetime or ISO string with offset filters fine."""
     build_filters(Member, {"created_at__gte": datetime(2026, 1, 1, tzinfo=UTC)})
     build_filters(Member, {"created_at__lt": "2026-01-01T00:00:00+00:00"})
+
+
+def test_integer_bounds_are_the_column_types() -> None:
+    """The ends of a 32-bit Integer column's range are accepted."""
+    for value in (2**31 - 1, -(2**31)):
+        assert build_filters(Member, {"rank": value})
