@@ -278,6 +278,8 @@ def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
     @event.listens_for(engine.sync_engine, "commit")
     @event.listens_for(engine.sync_engine, "rollback")
     def _on_end(conn: Connection) -> None:
+        if conn.invalidated:
+            return  # discarded, not reused: nothing to switch back
         if conn.info.pop(SQLITE_READ_ONLY, False):
             conn.exec_driver_sql("PRAGMA query_only=OFF")
 

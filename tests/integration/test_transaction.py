@@ -217,6 +217,27 @@ async def test_statement_cancelled_by_a_scope_closes_its_connection(
         gc.collect()
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_rollback_of_an_invalidated_connection_is_clean(
+    db: Database, read_only: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's own error comes out, and the rollback itself does not fail.
+
+    The connection was invalidated inside the block (as a cancellation or a
+    lost server does); ending the block must not touch it again.
+    """
+    caplog.set_level(logging.WARNING, logger="dotmac_core")
+    with pytest.raises(KeyError, match="mine"):
+        async with TransactionManager(db, read_only=read_only) as tx:
+            conn = await tx.session.connection()
+            await conn.invalidate()
+            raise KeyError("mine")
+    assert not [r for r in caplog.records if "rollback failed" in r.getMessage()]
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with TransactionManager(db) as tx:  # the pool works on
+        assert await Tags(tx.session).count() == 0
+
+
 async def test_hundred_concurrent_transactions_commit(db: Database) -> None:
     """100 concurrent transactions all commit."""
 
