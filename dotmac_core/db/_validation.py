@@ -24,6 +24,7 @@ from .filters import (
     OrderBy,
     OrderSpec,
     check_storable,
+    check_storable_rows,
     coerce_value,
     parse_order_by,
 )
@@ -143,8 +144,7 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
         except pydantic.ValidationError:
             return [validated_values(model, item) for item in given]
         rows = [dict(row.__dict__) for row in checked]
-    for row in rows:
-        check_storable(model, row)
+    check_storable_rows(model, rows)
     return rows
 
 

@@ -10,7 +10,7 @@ no part of the input ever becomes SQL text.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -171,6 +171,46 @@ def check_storable(model: type[Any], values: Mapping[str, Any]) -> None:
             check_text(name, value)
         elif type(value) is int and name in ranges:
             check_int(name, value, ranges[name])
+
+
+def check_storable_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    """`check_storable` for many rows of the same fields, column by column.
+
+    A field whose values are all text is checked as one joined string; one
+    whose values are ints by its smallest and largest; a row is looked at on
+    its own only to name the culprit.
+    """
+    if not rows:
+        return
+    ranges = _int_ranges(model)
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        sample = next((value for value in values if value is not None), None)
+        if isinstance(sample, str):
+            try:
+                joined = "".join(values)
+            except TypeError:  # None or other values among the text
+                joined = "".join(value for value in values if isinstance(value, str))
+            if "\x00" in joined or not _encodes(joined):
+                for value in values:
+                    if isinstance(value, str):
+                        check_text(name, value)
+        elif type(sample) is int and name in ranges:
+            ints = [value for value in values if type(value) is int]
+            low, high = ranges[name]
+            if min(ints) < low or max(ints) > high:
+                for value in ints:
+                    check_int(name, value, ranges[name])
+
+
+def _encodes(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_int(name: str, value: int, bounds: tuple[int, int]) -> int:

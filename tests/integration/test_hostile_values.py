@@ -24,7 +24,7 @@ HOSTILE = {"nul": "a\x00b", "surrogate": "caf\udce9"}
 WRITES: dict[str, Callable[[str, Any], Awaitable[object]]] = {
     "create": lambda text, _: Members().create({"email": "h@x.io", "name": text}),
     "create_many": lambda text, _: Members().create_many(
-        [{"email": "h1@x.io", "name": "ok"}, {"email": "h2@x.io", "name": text}]
+        [{"email": "h1@x.io", "name": "café"}, {"email": "h2@x.io", "name": text}]
     ),
     "update": lambda text, made: Members().update(made.id, {"name": text}),
     "upsert": lambda text, made: Members().upsert(
