@@ -116,12 +116,7 @@ def coerce_value(model: type[Any], name: str, value: Any) -> Any:
     ):
         msg = f"bad value for {name!r}: give a timezone-aware datetime"
         raise ValidationError(msg, field=name)
-    if isinstance(result, str):
-        check_text(name, result)
-    elif type(result) is int:
-        bounds = _int_ranges(model).get(name)
-        if bounds is not None:
-            check_int(name, result, bounds)
+    _check_value(_int_ranges(model), name, result)
     return result
 
 
@@ -145,11 +140,8 @@ def check_text(name: str, value: str) -> str:
     problem = None
     if "\x00" in value:
         problem = "text may not contain NUL characters"
-    elif not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            problem = "text holds a lone surrogate (not valid Unicode)"
+    elif not _encodes(value):
+        problem = "text holds a lone surrogate (not valid Unicode)"
     if problem is not None:
         error = {"field": name, "message": problem, "type": "text_not_storable"}
         msg = f"{name!r}: {problem}"
@@ -167,10 +159,14 @@ def check_storable(model: type[Any], values: Mapping[str, Any]) -> None:
     """
     ranges = _int_ranges(model)
     for name, value in values.items():
-        if isinstance(value, str):
-            check_text(name, value)
-        elif type(value) is int and name in ranges:
-            check_int(name, value, ranges[name])
+        _check_value(ranges, name, value)
+
+
+def _check_value(ranges: Mapping[str, tuple[int, int]], name: str, value: Any) -> None:
+    if isinstance(value, str):
+        check_text(name, value)
+    elif type(value) is int and name in ranges:
+        check_int(name, value, ranges[name])
 
 
 def check_storable_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -222,6 +218,12 @@ def check_int(name: str, value: int, bounds: tuple[int, int]) -> int:
     return value
 
 
+def _stored_type(column: Any) -> Any:
+    """The column's type as the database stores it (a `TypeDecorator`'s impl)."""
+    kind = column.type
+    return kind.impl_instance if isinstance(kind, TypeDecorator) else kind
+
+
 _INT_RANGES: dict[type[Any], dict[str, tuple[int, int]]] = {}
 
 
@@ -230,9 +232,7 @@ def _int_ranges(model: type[Any]) -> dict[str, tuple[int, int]]:
     if ranges is None:
         ranges = {}
         for name, column in _columns(model).items():
-            kind = column.type
-            if isinstance(kind, TypeDecorator):
-                kind = kind.impl_instance
+            kind = _stored_type(column)
             if isinstance(kind, SmallInteger):
                 bits = 16
             elif isinstance(kind, BigInteger):
@@ -251,9 +251,7 @@ def _like_value(model: type[Any], name: str, value: Any) -> str:
         msg = f"{name!r}: like / ilike need a str pattern, got {type(value).__name__}"
         raise ValidationError(msg, field=name)
     column = _columns(model).get(name)
-    kind = None if column is None else column.type
-    if isinstance(kind, TypeDecorator):
-        kind = kind.impl_instance
+    kind = None if column is None else _stored_type(column)
     if kind is not None and (not isinstance(kind, String) or isinstance(kind, Enum)):
         msg = f"{name!r}: like / ilike apply to text columns only"
         raise ValidationError(msg, field=name)
