@@ -21,14 +21,21 @@ and Core statements on a bare connection are not rewritten.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, Table, event, inspect
+from sqlalchemy import BindParameter, ColumnElement, Table, event, inspect
+from sqlalchemy.dialects.postgresql.dml import OnConflictDoUpdate as PGDoUpdate
+from sqlalchemy.dialects.sqlite.dml import OnConflictDoUpdate as SQLiteDoUpdate
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm import Session as SASession
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Session
 from sqlmodel.main import default_registry
@@ -38,7 +45,7 @@ from ..tenancy import current_user_id, get_current_tenant, is_scoping_bypassed
 from .models import TenantMixin
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Sequence
 
     from sqlalchemy.orm import UOWTransaction
     from sqlmodel import SQLModel
@@ -210,21 +217,23 @@ def _not_deleted(cls: Any) -> ColumnElement[bool]:
 
 
 @event.listens_for(ScopedSession, "do_orm_execute")
-def _scope_statement(state: ORMExecuteState) -> None:
+def _scope_statement(state: ORMExecuteState) -> Any:
     if state.is_column_load:
-        return  # loading more columns of a row this session already scoped
+        return None  # loading more columns of a row this session already scoped
     options = state.execution_options
     if options.get(SCOPED) and not state.is_relationship_load:
-        return  # built by the repository with the criteria inline
+        return None  # built by the repository with the criteria inline
     models = _models_in(state)
     scope = current_scope()
-    if any(is_tenant_model(model) for model in models):
+    tenant_models = [model for model in models if is_tenant_model(model)]
+    if tenant_models:
         bind_session(state.session, scope)
+        _refuse_unscoped(state, tenant_models, scope)
     if state.is_insert:
-        _stamp_insert(state, scope)
-        return
+        _check_insert(state, scope)
+        return None
     if not (state.is_select or state.is_update or state.is_delete):
-        return
+        return None
     include_deleted = bool(options.get(INCLUDE_DELETED))
     only_deleted = bool(options.get(ONLY_DELETED))
     criteria: list[Any] = []
@@ -232,6 +241,11 @@ def _scope_statement(state: ORMExecuteState) -> None:
         criteria.extend(_criteria(model, scope, include_deleted, only_deleted))
     if criteria:
         state.statement = state.statement.options(*criteria)
+    if state.is_update or state.is_delete:
+        target = _dml_target(state)
+        if target is not None and is_tenant_model(target):
+            return _scope_dml(state, target, scope, include_deleted, only_deleted)
+    return None
 
 
 def scoping_listeners() -> frozenset[Any]:
@@ -275,38 +289,245 @@ def _models_in(state: ORMExecuteState) -> list[type[Any]]:
     return list(models)
 
 
-def _stamp_insert(state: ORMExecuteState, scope: Scope) -> None:
-    """Stamp or check `tenant_id` in an ORM INSERT run through the session."""
-    model = state.bind_mapper.class_ if state.bind_mapper is not None else None
+def _refuse_unscoped(
+    state: ORMExecuteState, models: Sequence[type[Any]], scope: Scope
+) -> None:
+    """Refuse a statement on tenant tables that the ORM's criteria cannot reach.
+
+    SQLAlchemy applies loader criteria to ORM statements only: a Core
+    statement on `Model.__table__` run through a session, and the inner
+    statement of `select(Model).from_statement(...)`, would see, change or
+    add every tenant's rows. Under a bypass they run as written.
+    """
+    if scope.bypass:
+        return
+    name = models[0].__name__
+    scope.require(f"querying {name}")
+    statement: Any = state.statement
+    inner = statement.element if isinstance(statement, FromStatement) else None
+    if state.is_orm_statement and not (
+        inner is not None and _tables_of_tenant_models(inner)
+    ):
+        return
+    msg = (
+        f"a Core statement on the table of {name} cannot be scoped to the tenant "
+        f"on a session: build it on the model (select({name}), update({name}), "
+        f"insert({name}), ...), or run it under tenant_scope(None, bypass=True)"
+    )
+    raise TenantError(msg, details={"model": name})
+
+
+def _tables_of_tenant_models(element: Any) -> bool:
+    return any(
+        isinstance(part, Table)
+        and any(is_tenant_model(model) for model in _table_models(_plain(part)))
+        for part in visitors.iterate(element)
+    )
+
+
+def _plain(table: Any) -> Any:
+    """The table itself, without the ORM's annotations (`Model.__table__`)."""
+    return table._deannotate() if getattr(table, "_annotations", None) else table
+
+
+def _key_name(key: object) -> object:
+    """The column name a SET / VALUES key stands for (a str, or a column's key)."""
+    return key if isinstance(key, str) else getattr(key, "key", None)
+
+
+def _dml_target(state: ORMExecuteState) -> type[Any] | None:
+    mapper = state.bind_mapper
+    if mapper is not None:
+        return mapper.class_
+    table = getattr(state.statement, "table", None)
+    found = _table_models(_plain(table)) if table is not None else []
+    return found[0] if found else None
+
+
+def _set_keys(state: ORMExecuteState) -> set[object]:
+    """The columns an UPDATE sets: its `values()` and the execute parameters."""
+    statement: Any = state.statement
+    keys = {_key_name(key) for key in (statement._values or {})}
+    ordered = getattr(statement, "_ordered_values", None) or ()  # SQLAlchemy 2.1
+    keys.update(_key_name(key) for key, _ in ordered)
+    params: Any = state.parameters
+    for row in [params] if isinstance(params, dict) else list(params or []):
+        keys.update(_key_name(key) for key in row)
+    return keys
+
+
+def _scope_dml(
+    state: ORMExecuteState,
+    model: type[Any],
+    scope: Scope,
+    include_deleted: bool,
+    only_deleted: bool,
+) -> Any:
+    """Scope an UPDATE / DELETE on `model` in its own WHERE; refuse a tenant move.
+
+    Loader criteria do not reach an ORM bulk UPDATE by primary key
+    (`session.execute(update(Model), [rows])`), so the tenant criterion is
+    written into the statement itself. SQLAlchemy then cannot synchronise
+    the session's objects with such an UPDATE; the listener does it, for
+    the objects of this tenant (the only ones this session can hold).
+    """
+    if state.is_update and "tenant_id" in _set_keys(state):
+        msg = f"tenant_id of a {model.__name__} row cannot change"
+        raise TenantError(msg, details={"model": model.__name__})
+    tenant = scope.require(f"changing {model.__name__}")
+    statement: Any = state.statement
+    table = statement.table
+    where: list[Any] = []
+    if tenant is not None:
+        where.append(table.c.tenant_id == tenant)
+    params: Any = state.parameters
+    bulk = state.is_update and isinstance(params, list)
+    if bulk and has_soft_delete(model) and (only_deleted or not include_deleted):
+        where.append(deleted_criterion(table.c.deleted_at, only_deleted=only_deleted))
+    if not where:
+        return None
+    state.statement = statement.where(*where)
+    if not bulk:
+        return None
+    sync = state.execution_options.get("synchronize_session", "auto")
+    result = state.invoke_statement(execution_options={"synchronize_session": None})
+    if sync is not None and sync is not False:
+        _synchronise(state.session, model, params, deleted=not include_deleted)
+    return result
+
+
+def _synchronise(
+    session: SASession,
+    model: type[Any],
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    deleted: bool,
+) -> None:
+    """Give the session's objects the values a bulk UPDATE by key wrote."""
+    mapper = inspect(model)
+    keys = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+    for row in rows:
+        if any(key not in row for key in keys):
+            continue
+        identity = identity_key(model, tuple(row[key] for key in keys))
+        obj = session.identity_map.get(identity)
+        if obj is None or (deleted and getattr(obj, "deleted_at", None) is not None):
+            continue
+        for key, value in row.items():
+            if key not in keys and key in mapper.attrs:
+                set_committed_value(obj, key, value)
+
+
+def _check_insert(state: ORMExecuteState, scope: Scope) -> None:
+    """Check (and stamp) `tenant_id` in an ORM INSERT run through the session.
+
+    Rows that leave `tenant_id` out get the current tenant (the column's
+    default); a row naming another tenant, `None`, or a SQL expression is
+    refused, as are INSERT ... FROM SELECT, ON CONFLICT DO UPDATE that could
+    meet another tenant's row, and SQLite's INSERT OR REPLACE.
+    """
+    model = _dml_target(state)
     if model is None or not is_tenant_model(model):
         return
-    tenant = scope.require(f"inserting into {model.__name__}")
-    params = state.parameters
-    rows: list[dict[str, Any]] = (
-        [params] if isinstance(params, dict) else list(params or [])  # type: ignore[arg-type]
-    )
-    for row in rows:
-        given = row.get("tenant_id")
-        if given is None and tenant is None:
+    name = model.__name__
+    tenant = scope.require(f"inserting into {name}")
+    statement: Any = state.statement
+    if tenant is not None:
+        _refuse_risky_insert(statement, model, tenant)
+    table = _plain(statement.table)
+    rows: list[Mapping[Any, Any]] = []
+    if statement._values:
+        rows.append(statement._values)
+    for values in statement._multi_values or ():
+        rows.extend(
+            row if isinstance(row, Mapping) else dict(zip(table.c, row, strict=False))
+            for row in values
+        )
+    params: Any = state.parameters
+    given_rows = [params] if isinstance(params, dict) else list(params or [])
+    if not given_rows and not rows and statement.select is None and tenant is None:
+        rows.append({})  # no values at all: the column default would be used
+    for row in [*rows, *given_rows]:
+        _check_inserted(model, row, tenant)
+
+
+def _refuse_risky_insert(statement: Any, model: type[Any], tenant: str) -> None:
+    name = model.__name__
+    problem = None
+    if statement.select is not None:
+        problem = "INSERT ... FROM SELECT cannot be checked for its rows' tenant"
+    elif any("replace" in str(prefix).lower() for prefix, _ in statement._prefixes):
+        problem = "INSERT OR REPLACE may delete another tenant's row"
+    else:
+        conflict = getattr(statement, "_post_values_clause", None)
+        if isinstance(conflict, (PGDoUpdate, SQLiteDoUpdate)):
+            problem = _conflict_problem(conflict, _plain(statement.table))
+    if problem is not None:
+        msg = (
+            f"{problem} ({name} under tenant {tenant!r}): use AsyncRepository "
+            "create / upsert, or tenant_scope(None, bypass=True)"
+        )
+        raise TenantError(msg, details={"model": name})
+
+
+def _conflict_problem(conflict: Any, table: Any) -> str | None:
+    """Why an ON CONFLICT DO UPDATE could write another tenant's row, if it could."""
+    sets = conflict.update_values_to_set
+    pairs = sets.items() if isinstance(sets, Mapping) else sets
+    if any(_key_name(key) == "tenant_id" for key, _ in pairs):
+        return "ON CONFLICT DO UPDATE may not set tenant_id"
+    target = conflict.inferred_target_elements
+    names: set[object] = set()
+    if target is not None:
+        names = {_key_name(element) for element in target}
+    elif getattr(conflict, "constraint_target", None) is not None:
+        wanted = conflict.constraint_target
+        for constraint in [*table.constraints, *table.indexes]:
+            if constraint.name == wanted:
+                names = {column.key for column in constraint.columns}
+    if "tenant_id" not in names:
+        return (
+            "ON CONFLICT DO UPDATE on a key without tenant_id may update "
+            "another tenant's row"
+        )
+    return None
+
+
+def _check_inserted(
+    model: type[Any], row: Mapping[Any, Any], tenant: str | None
+) -> None:
+    given: Any = _ABSENT
+    for key, value in row.items():
+        if _key_name(key) == "tenant_id":
+            given = value
+    if isinstance(given, BindParameter) and given.callable is None:
+        given = given.value if not given.required else _EXPRESSION
+    elif isinstance(given, ClauseElement):
+        given = _EXPRESSION
+    if tenant is None:
+        if given is _ABSENT or given is None:
             msg = f"rows of {model.__name__} need a tenant_id under a bypass"
             raise ValidationError(msg, field="tenant_id")
-        if given is None:
-            row["tenant_id"] = tenant
-        elif tenant is not None and given != tenant:
-            _refuse(model, given, tenant)
-    if not rows:
-        compiled = cast("Any", state.statement).compile()
-        given_ids = {
-            value
-            for key, value in compiled.params.items()
-            if key.startswith("tenant_id")
-        }
-        if not given_ids:
-            msg = f"INSERT into {model.__name__} must set tenant_id"
-            raise ValidationError(msg, field="tenant_id")
-        for given in given_ids:
-            if tenant is not None and given != tenant:
-                _refuse(model, given, tenant)
+        return
+    if given is _ABSENT:
+        return  # the column's default stamps the current tenant
+    if given is _EXPRESSION:
+        msg = (
+            f"tenant_id of a {model.__name__} row set by a SQL expression cannot "
+            "be checked: give the tenant id as a value, or leave it out"
+        )
+        raise TenantError(msg, details={"model": model.__name__})
+    if not _same_tenant(given, tenant):
+        _refuse(model, given, tenant)
+
+
+_ABSENT = object()
+_EXPRESSION = object()
+
+
+def _same_tenant(given: object, tenant: str) -> bool:
+    """Whether `given` is the tenant id `tenant`, by `str`'s own equality."""
+    return isinstance(given, str) and str.__eq__(given, tenant) is True
 
 
 def check_new_rows(
@@ -325,7 +546,7 @@ def check_new_rows(
         if given is None:
             msg = f"rows of {model.__name__} need a tenant_id under a bypass"
             raise ValidationError(msg, field="tenant_id")
-        if tenant is not None and given != tenant:
+        if tenant is not None and not _same_tenant(given, tenant):
             _refuse(model, given, tenant)
 
 
@@ -363,5 +584,5 @@ def _check_row(session: SASession, obj: SQLModel, scope: Scope, action: str) -> 
     tenant = scope.require(f"{action} of {model.__name__}")
     bind_session(session, scope)
     given = getattr(obj, "tenant_id", None)
-    if tenant is not None and given != tenant:
+    if tenant is not None and not _same_tenant(given, tenant):
         _refuse(model, given, tenant)

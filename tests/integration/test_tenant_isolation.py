@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
-from sqlalchemy import delete, func, insert, update
+from sqlalchemy import delete, func, insert, literal, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import select
 
 from dotmac_core import (
@@ -17,8 +22,9 @@ from dotmac_core import (
     ValidationError,
     tenant_scope,
 )
+from dotmac_core.db.session import AsyncSession
 
-from ..models import Member, Squad
+from ..models import Member, Squad, User
 
 pytestmark = pytest.mark.usefixtures("repo_db", "executor")
 
@@ -218,3 +224,232 @@ async def test_relationship_loads_are_scoped(db: Database) -> None:
 
 class AsyncRepositoryTeams(AsyncRepository[Squad]):
     """Teams."""
+
+
+@asynccontextmanager
+async def _session(db: Database, kind: str) -> AsyncIterator[AsyncSession]:
+    """A toolkit session: `Database.session()` or a `TransactionManager`'s."""
+    if kind == "transaction":
+        async with TransactionManager(db) as tx:
+            yield tx.session
+        return
+    async with db.session() as session:
+        yield session
+        await session.commit()
+
+
+SESSIONS = ["session", "transaction"]
+
+#: ORM UPDATEs that would move rows to another tenant, and how they are run.
+MOVES: dict[str, Callable[[Member], tuple[Any, Any]]] = {
+    "values": lambda _: (update(Member).values(tenant_id="tenant-b"), None),
+    "values by column": lambda _: (
+        update(Member).values({Member.tenant_id: "tenant-b"}),
+        None,
+    ),
+    "ordered values": lambda _: (
+        update(Member).ordered_values((Member.tenant_id, "tenant-b")),
+        None,
+    ),
+    "expression": lambda _: (update(Member).values(tenant_id=Member.name), None),
+    "execute parameters": lambda mine: (
+        update(Member).where(Member.id == mine.id),
+        {"tenant_id": "tenant-b"},
+    ),
+    "bulk by key": lambda mine: (
+        update(Member),
+        [{"id": mine.id, "tenant_id": "tenant-b"}],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", SESSIONS)
+@pytest.mark.parametrize("move", sorted(MOVES))
+async def test_orm_updates_cannot_move_rows(db: Database, kind: str, move: str) -> None:
+    """An ORM UPDATE that sets tenant_id raises TenantError, also under a bypass."""
+    mine, theirs = await _seed()
+    statement, params = MOVES[move](mine)
+    for scope in (tenant_scope("tenant-a"), tenant_scope(None, bypass=True)):
+        with scope, pytest.raises(TenantError, match="cannot change"):
+            async with _session(db, kind) as session:
+                await session.exec(statement, params=params)
+    with tenant_scope("tenant-a"):
+        assert [(m.id, m.tenant_id) for m in await Members().list()] == [
+            (mine.id, "tenant-a")
+        ]
+    await _b_rows_untouched(theirs)
+
+
+@pytest.mark.parametrize("kind", SESSIONS)
+async def test_bulk_update_by_key_is_scoped(db: Database, kind: str) -> None:
+    """`session.execute(update(Model), rows)` changes this tenant's rows only."""
+    mine, theirs = await _seed()
+    with tenant_scope("tenant-a"):
+        async with _session(db, kind) as session:
+            loaded = await session.get(Member, mine.id)
+            assert loaded is not None
+            await session.exec(
+                update(Member),
+                params=[
+                    {"id": theirs.id, "name": "hacked"},
+                    {"id": mine.id, "name": "A2"},
+                ],
+            )
+            assert loaded.name == "A2"  # the session's object follows the UPDATE
+        assert [m.name for m in await Members().list()] == ["A2"]
+    await _b_rows_untouched(theirs)
+
+
+def _core_statements(theirs: Member) -> dict[str, Any]:
+    table: Any = Member.__table__
+    return {
+        "select": select(table.c.email),
+        "update": update(table).values(rank=7),
+        "delete": delete(table).where(table.c.id == theirs.id),
+        "insert": insert(table).values(
+            id=uuid.uuid4(),
+            email="c@x",
+            name="C",
+            tenant_id="tenant-b",
+            created_at=theirs.created_at,
+            updated_at=theirs.updated_at,
+        ),
+        "from_statement": select(Member).from_statement(select(table)),
+    }
+
+
+@pytest.mark.parametrize("kind", SESSIONS)
+@pytest.mark.parametrize(
+    "name", ["select", "update", "delete", "insert", "from_statement"]
+)
+async def test_core_statements_on_tenant_tables_are_refused(
+    db: Database, kind: str, name: str
+) -> None:
+    """Core statements on a tenant table's Table object: TenantError on a session."""
+    _, theirs = await _seed()
+    statement = _core_statements(theirs)[name]
+    with tenant_scope("tenant-a"), pytest.raises(TenantError, match="Core statement"):
+        async with _session(db, kind) as session:
+            await session.exec(statement)
+    await _b_rows_untouched(theirs)
+    with tenant_scope(None, bypass=True):
+        async with _session(db, kind) as session:
+            await session.exec(select(Member.__table__.c.email))  # type: ignore[attr-defined]
+
+
+def _inserts(dialect: str) -> dict[str, Any]:
+    dml: Any = postgresql if dialect == "postgresql" else sqlite
+    row = {"email": "n@x", "name": "N"}
+    return {
+        "multi-row values": insert(Member).values(
+            [{**row, "tenant_id": "tenant-a"}, {**row, "tenant_id": "tenant-b"}]
+        ),
+        "expression": insert(Member).values(**row, tenant_id=func.lower("TENANT-B")),
+        "from select": insert(Member).from_select(
+            ["id", "email", "name", "tenant_id", "created_at", "updated_at"],
+            select(
+                Member.id,
+                Member.email,
+                Member.name,
+                literal("tenant-b"),
+                Member.created_at,
+                Member.updated_at,
+            ),
+        ),
+        "on conflict without tenant": dml.insert(User)
+        .values(email="ub@x", name="U", tenant_id="tenant-a")
+        .on_conflict_do_update(index_elements=["email"], set_={"name": "hacked"}),
+        "on conflict setting tenant": dml.insert(Member)
+        .values(**row)
+        .on_conflict_do_update(
+            index_elements=["tenant_id", "email"], set_={"tenant_id": "tenant-b"}
+        ),
+        "none": insert(Member).values(**row, tenant_id=None),
+    }
+
+
+INSERTS = [
+    "multi-row values",
+    "expression",
+    "from select",
+    "on conflict without tenant",
+    "on conflict setting tenant",
+    "none",
+]
+
+
+@pytest.mark.parametrize("kind", SESSIONS)
+@pytest.mark.parametrize("name", INSERTS)
+async def test_orm_inserts_naming_no_checkable_tenant_are_refused(
+    db: Database, kind: str, name: str
+) -> None:
+    """ORM INSERTs that could write another tenant's row raise TenantError."""
+    with tenant_scope("tenant-b"):
+        await Users().create({"email": "ub@x", "name": "B"})
+    statement = _inserts(db.dialect)[name]
+    with tenant_scope("tenant-a"), pytest.raises(TenantError):
+        async with _session(db, kind) as session:
+            await session.exec(statement)
+    with tenant_scope(None, bypass=True):
+        assert await Members().count() == 0
+        assert [u.name for u in await Users().list()] == ["B"]
+
+
+@pytest.mark.parametrize("kind", SESSIONS)
+async def test_orm_inserts_are_stamped(db: Database, kind: str) -> None:
+    """ORM INSERTs that leave tenant_id out get the current tenant, in every form."""
+    dml: Any = postgresql if db.dialect == "postgresql" else sqlite
+    with tenant_scope("tenant-a"):
+        async with _session(db, kind) as session:
+            await session.exec(insert(Member).values(email="v@x", name="V"))
+            await session.exec(
+                insert(Member).values(
+                    [{"email": "m1@x", "name": "M"}, {"email": "m2@x", "name": "M"}]
+                )
+            )
+            await session.exec(insert(Member), params=[{"email": "r@x", "name": "R"}])
+            upsert = dml.insert(Member).values(email="v@x", name="V2")
+            await session.exec(
+                upsert.on_conflict_do_update(
+                    index_elements=["tenant_id", "email"], set_={"name": "V2"}
+                )
+            )
+        rows = await Members().list(order_by="email")
+        assert [(m.email, m.name, m.tenant_id) for m in rows] == [
+            ("m1@x", "M", "tenant-a"),
+            ("m2@x", "M", "tenant-a"),
+            ("r@x", "R", "tenant-a"),
+            ("v@x", "V2", "tenant-a"),
+        ]
+    with tenant_scope("tenant-b"):
+        assert await Members().count() == 0
+
+
+async def test_statement_values_and_rows_are_both_checked(db: Database) -> None:
+    """A tenant in `values()` is checked even when rows are given beside it."""
+    with tenant_scope("tenant-a"), pytest.raises(TenantError):
+        async with db.session() as session:
+            await session.exec(
+                insert(Member).values(tenant_id="tenant-b"),
+                params=[{"email": "h@x", "name": "H"}],
+            )
+
+
+async def test_sqlite_insert_or_replace_is_refused(db: Database) -> None:
+    """INSERT OR REPLACE could delete another tenant's row: TenantError."""
+    if db.dialect != "sqlite":
+        pytest.skip("INSERT OR REPLACE is SQLite's")
+    _, theirs = await _seed()
+    statement = (
+        insert(Member)
+        .prefix_with("OR REPLACE")
+        .values(id=theirs.id, email="r@x", name="R")
+    )
+    with tenant_scope("tenant-a"), pytest.raises(TenantError, match="REPLACE"):
+        async with db.session() as session:
+            await session.exec(statement)
+    await _b_rows_untouched(theirs)
+
+
+class Users(AsyncRepository[User]):
+    """Users (email unique across tenants)."""
