@@ -8,6 +8,7 @@ from .cache import CacheBackend as CacheBackend
 from .cache import CachedFunction as CachedFunction
 from .cache import CacheService as CacheService
 from .cache import CacheUnavailableError as CacheUnavailableError
+from .cache import FailOpenCounter as FailOpenCounter
 from .cache import MemoryBackend as MemoryBackend
 from .cache import RedisBackend as RedisBackend
 from .cache import RedisClusterBackend as RedisClusterBackend
@@ -74,6 +75,7 @@ from .guards import require_database as require_database
 from .guards import require_schemas as require_schemas
 from .ratelimit import close_rate_limiters as close_rate_limiters
 from .ratelimit import rate_limit as rate_limit
+from .ratelimit import rate_limit_fail_opens as rate_limit_fail_opens
 from .tenancy import TenantContext as TenantContext
 from .tenancy import TenantToken as TenantToken
 from .tenancy import current_user_id as current_user_id
@@ -114,6 +116,7 @@ __all__ = [
     "DatabaseConnectionError",
     "DatabaseError",
     "DotMacError",
+    "FailOpenCounter",
     "IntegrityConstraintError",
     "MemoryBackend",
     "MissingDependencyError",
@@ -156,6 +159,7 @@ __all__ = [
     "is_scoping_bypassed",
     "is_transient",
     "rate_limit",
+    "rate_limit_fail_opens",
     "require_cache",
     "require_current_tenant",
     "require_database",

@@ -196,10 +196,17 @@ class CacheConfig(_Settings):
     """Seconds an entry lives when a call gives no TTL."""
     key_prefix: str = "dotmac:"
     """Prefix of every key this service writes."""
-    socket_timeout: float = Field(default=0.25, gt=0)
+    # 1 s, not less: with two CPU-bound processes on a 2-core machine, 50
+    # concurrent GETs on loopback Redis took up to 258 ms (p99 33 ms), so the
+    # former 0.25 s took a slow but alive Redis for a dead one, and a shared
+    # rate limit failed open (58 of 60 calls admitted over a limit of 10).
+    # A hung Redis then costs 1 s per call until the circuit opens
+    # (`circuit_breaker_threshold` calls); a refused one costs nothing. See
+    # docs/reliability.md.
+    socket_timeout: float = Field(default=1.0, gt=0)
     """Seconds to wait for a Redis reply before treating Redis as down."""
-    socket_connect_timeout: float = Field(default=0.25, gt=0)
-    """Seconds to wait for a Redis connection."""
+    socket_connect_timeout: float = Field(default=1.0, gt=0)
+    """Seconds to wait for a Redis connection (and for a free one in the pool)."""
     max_connections: int = Field(default=50, ge=1)
     """Size of the Redis connection pool."""
     max_entries: int = Field(default=10_000, ge=1)

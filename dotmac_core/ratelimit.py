@@ -15,12 +15,14 @@ arguments (per tenant, per user). Limits with different `max_calls` or
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from ._ratelimit_store import LOCAL_STORE, WindowStore
+from .cache._breaker import FailOpenCounter
 from .config import CacheConfig
 from .decorators import _check, _name, _require_async
 from .exceptions import ConfigurationError, RateLimitExceededError, ServiceError
@@ -29,7 +31,31 @@ from .guards import require_cache
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-__all__ = ["HasCacheConfig", "close_rate_limiters", "rate_limit"]
+__all__ = [
+    "HasCacheConfig",
+    "close_rate_limiters",
+    "rate_limit",
+    "rate_limit_fail_opens",
+]
+
+#: Every call let through unchecked, one warning each. A logger of its own
+#: (under `dotmac_core.ratelimit`, whose warnings mark outages), so it can be
+#: routed or rate-limited apart from them.
+_fail_open_log = logging.getLogger("dotmac_core.ratelimit.fail_open")
+
+#: Calls every limit of the process let through because Redis failed.
+_FAIL_OPENS = FailOpenCounter()
+
+
+def rate_limit_fail_opens() -> FailOpenCounter:
+    """Return the count of calls rate limits let through unchecked (Redis failed).
+
+    One counter for every limit of the process with `fail_open=True`; each
+    such call is also logged as a warning by `dotmac_core.ratelimit.fail_open`. A
+    growing count means the limits are not being enforced: alert on it.
+    """
+    return _FAIL_OPENS
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -122,8 +148,11 @@ def rate_limit(
             then defaults). A config whose backend is `memory` keeps the limit
             in this process.
         fail_open: When Redis fails: `True` lets the call through, `False`
-            raises `ServiceError`. Logged once per outage either way. Use
-            `False` for limits that protect security (logins, one-time codes).
+            raises `ServiceError`. An outage is logged once when it starts;
+            with `True` each call let through is also logged as a warning
+            (logger `dotmac_core.ratelimit.fail_open`) and counted in
+            `rate_limit_fail_opens()`. Use `False` for limits that
+            protect security (logins, one-time codes).
 
     Raises:
         ConfigurationError: `max_calls`, `time_window` or a URL is invalid.
@@ -163,8 +192,18 @@ def rate_limit(
             stored = f"{prefix}ratelimit:{{{name}}}{suffix}"
             try:
                 decision = await store.hit(stored, max_calls, window)
-            except ServiceError:
+            except ServiceError as exc:
                 if fail_open:
+                    _FAIL_OPENS.record(str(exc))
+                    # Every call let through unchecked is a warning: the limit
+                    # is not enforced, which matters more than log volume.
+                    _fail_open_log.warning(
+                        "rate limit %r not checked (%s); call let through "
+                        "(fail_open=True, %d so far)",
+                        name,
+                        exc,
+                        _FAIL_OPENS.count,
+                    )
                     return await func(*args, **kwargs)
                 raise
             if not decision.allowed:

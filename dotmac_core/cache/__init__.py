@@ -4,6 +4,7 @@ Import from the package root (`from dotmac_core import cached`); this
 subpackage re-exports the same names.
 """
 
+from ._breaker import FailOpenCounter as FailOpenCounter
 from .backends import CacheBackend as CacheBackend
 from .backends import CacheUnavailableError as CacheUnavailableError
 from .backends import MemoryBackend as MemoryBackend
@@ -24,6 +25,7 @@ __all__ = [
     "CacheService",
     "CacheUnavailableError",
     "CachedFunction",
+    "FailOpenCounter",
     "MemoryBackend",
     "RedisBackend",
     "RedisClusterBackend",

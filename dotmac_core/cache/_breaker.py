@@ -106,3 +106,35 @@ class CircuitBreaker:
     def release(self) -> None:
         """Forget an unfinished probe (it was cancelled), so another call may probe."""
         self._probing = False
+
+
+class FailOpenCounter:
+    """Counts decisions taken without a failed backend (fail open); read `count`.
+
+    `CacheService.fail_opens` counts the cache operations answered as a miss
+    or skipped as a no-op because the backend failed or its circuit was open;
+    `rate_limit_fail_opens()` counts the calls rate limits let through
+    unchecked because Redis failed. A count that grows means the backend is
+    sick even though nothing raised: export it to your metrics.
+    """
+
+    __slots__ = ("count", "last_reason")
+
+    def __init__(self) -> None:
+        #: Decisions taken without the backend so far.
+        self.count = 0
+        #: Why the latest one was taken (`None` before the first).
+        self.last_reason: str | None = None
+
+    def record(self, reason: str) -> None:
+        """Count one decision taken without the backend, and why."""
+        self.count += 1
+        self.last_reason = reason
+
+    def reset(self) -> None:
+        """Start counting from zero again."""
+        self.count = 0
+        self.last_reason = None
+
+    def __repr__(self) -> str:
+        return f"<FailOpenCounter count={self.count}>"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
-from ._breaker import PROBE, SKIP, CircuitBreaker
+from ._breaker import PROBE, SKIP, CircuitBreaker, FailOpenCounter
 from .backends import CacheUnavailableError
 from .codec import DecodeError, encode, header, pack, unpack
 
@@ -98,6 +98,8 @@ class Engine:
             config.circuit_breaker_reset,
         )
         self.deadline = backend.timeout
+        #: Operations answered without the backend (see `CacheService.fail_opens`).
+        self.fail_opens = FailOpenCounter()
         self.flights: dict[_FlightKey, _Flight] = {}
 
     # --- guarded backend calls ---------------------------------------------------
@@ -135,6 +137,16 @@ class Engine:
 
     def _unavailable(self, fallback: T, exc: BaseException | None) -> T:
         if self.fail_open:
+            # The first failure of an outage is a warning (the breaker's);
+            # each decision is counted, and logged at debug level.
+            reason = "circuit open" if exc is None else f"{type(exc).__name__}: {exc}"
+            self.fail_opens.record(reason)
+            logger.debug(
+                "cache backend %r unavailable (%s); failing open (%d so far)",
+                self.backend.name,
+                reason,
+                self.fail_opens.count,
+            )
             return fallback
         if isinstance(exc, CacheUnavailableError):
             raise exc

@@ -11,7 +11,8 @@ the same round trip.
 When the backend fails, the service fails open (`CacheConfig.fail_open`):
 reads miss, writes and invalidations are skipped, and a circuit breaker stops
 calling a backend that keeps failing, so an outage costs microseconds per
-call. With `fail_open=False` the same failures raise `CacheUnavailableError`.
+call. Each such decision is counted in `CacheService.fail_opens`. With
+`fail_open=False` the same failures raise `CacheUnavailableError`.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class CacheService:
         #: The settings this service was built from (the rate limiter reads them).
         self.config = config or CacheConfig()
         self._engine = Engine(backend, self.config)
+        #: Operations answered without the backend because it failed or its
+        #: circuit was open: a read that missed, a write or invalidation
+        #: skipped (one user call may count several backend operations).
+        self.fail_opens = self._engine.fail_opens
         self._root = Keyspace(self.config.key_prefix)
         self._namespaces: dict[str, Keyspace] = {}
 

@@ -79,7 +79,13 @@ class Database:
         options = (
             _sqlite_options(config) if self.dialect == "sqlite" else _pg_options(config)
         )
+        connect_args = engine_options.pop("connect_args", None)
         options.update(engine_options)
+        if connect_args is not None:
+            # Added to the computed driver arguments (server settings, timeouts),
+            # not instead of them.
+            computed = options.get("connect_args", {})
+            options["connect_args"] = {**computed, **connect_args}
         self.engine: AsyncEngine = create_async_engine(self.url, **options)
         # Calls outside a transaction run on the driver (see `_driver.py`),
         # on PostgreSQL and SQLite files. A memory database is one connection
@@ -196,7 +202,13 @@ def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
         server_settings["application_name"] = config.application_name
     if config.statement_timeout is not None:
         server_settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
-    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    # asyncpg waits 60 s for a server that accepts the TCP connection and then
+    # says nothing (a lost network path); a checkout is meant to wait at most
+    # `pool_timeout` for a connection, so opening one is bounded by it too.
+    connect_args: dict[str, Any] = {
+        "server_settings": server_settings,
+        "timeout": config.pool_timeout,
+    }
     if config.command_timeout is not None:
         connect_args["command_timeout"] = config.command_timeout
     if config.pgbouncer:
