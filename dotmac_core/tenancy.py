@@ -39,16 +39,40 @@ MAX_TENANT_ID_LENGTH = 64
 
 
 def _check_id(value: object, name: str) -> str:
+    """Return `value` as a plain `str` if it is a valid tenant or user id.
+
+    A `str` subclass (a `StrEnum` member, say) is accepted and stored as the
+    plain string it holds, so no subclass's `__eq__` or `__str__` reaches the
+    tenant checks or the SQL.
+    """
     if not isinstance(value, str):
         msg = f"{name} must be a str, got {type(value).__name__}"
         raise ValidationError(msg, field=name)
-    if not value or value != value.strip():
-        msg = f"{name} must be non-empty, without surrounding whitespace"
+    text = str.__str__(value)
+    problem = None
+    if not text or text != text.strip():
+        problem = "must be non-empty, without surrounding whitespace"
+    elif len(text) > MAX_TENANT_ID_LENGTH:
+        problem = f"is longer than {MAX_TENANT_ID_LENGTH} characters"
+    elif not _encodes(text):
+        problem = "holds a lone surrogate (not valid Unicode)"
+    elif not text.isprintable():
+        problem = (
+            "may hold printable characters only (no NUL, newline, tab or other "
+            "control, format or separator characters besides the space)"
+        )
+    if problem is not None:
+        msg = f"{name} {problem}"
         raise ValidationError(msg, field=name)
-    if len(value) > MAX_TENANT_ID_LENGTH:
-        msg = f"{name} is longer than {MAX_TENANT_ID_LENGTH} characters"
-        raise ValidationError(msg, field=name)
-    return value
+    return text
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +90,18 @@ class TenantContext:
     roles: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        _check_id(self.tenant_id, "tenant_id")
+        object.__setattr__(self, "tenant_id", _check_id(self.tenant_id, "tenant_id"))
         if self.user_id is not None:
-            _check_id(self.user_id, "user_id")
+            object.__setattr__(self, "user_id", _check_id(self.user_id, "user_id"))
         roles: Iterable[Any] = self.roles
         if isinstance(roles, str):
             msg = "roles must be a collection of role names, not a single str"
             raise ValidationError(msg, field="roles")
-        as_tuple = tuple(roles)
+        try:
+            as_tuple = tuple(roles)
+        except TypeError:
+            msg = f"roles must be a collection of str, got {type(roles).__name__}"
+            raise ValidationError(msg, field="roles") from None
         for role in as_tuple:
             if not isinstance(role, str):
                 msg = f"each role must be a str, got {type(role).__name__}"
@@ -118,11 +146,19 @@ def _as_context(
     tenant: str | TenantContext, user_id: str | None, roles: Iterable[str]
 ) -> TenantContext:
     if isinstance(tenant, TenantContext):
-        if user_id is not None or tuple(roles):
+        if user_id is not None or _any_role(roles):
             msg = "pass user_id and roles inside the TenantContext, not beside it"
             raise ValidationError(msg, field="user_id")
         return tenant
     return TenantContext(tenant, user_id, tuple(roles))
+
+
+def _any_role(roles: Iterable[str]) -> bool:
+    try:
+        return bool(tuple(roles))
+    except TypeError:
+        msg = f"roles must be a collection of str, got {type(roles).__name__}"
+        raise ValidationError(msg, field="roles") from None
 
 
 def set_current_tenant(
@@ -137,7 +173,9 @@ def set_current_tenant(
     and resetting happen in different callbacks (middleware).
 
     Raises:
-        ValidationError: the tenant or user id is empty, too long or not a str.
+        ValidationError: the tenant or user id is not a str, is empty, padded
+            with whitespace, longer than 64 characters, or holds a control
+            character (NUL included) or a lone surrogate.
     """
     return TenantToken(_CONTEXT.set(_as_context(tenant, user_id, roles)))
 

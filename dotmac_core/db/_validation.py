@@ -23,6 +23,8 @@ from ._types import utc_now, uuid7, uuid7_batch
 from .filters import (
     OrderBy,
     OrderSpec,
+    check_int_inputs,
+    check_int_rows,
     check_storable,
     check_storable_rows,
     coerce_value,
@@ -97,6 +99,7 @@ def validated_values(model: type[Any], data: object) -> dict[str, Any]:
     if isinstance(data, model):
         data = data.model_dump()
     check_keys(model, data)
+    check_int_inputs(model, cast("Mapping[str, Any]", data))
     try:
         values = dict(input_model(model).model_validate(data).__dict__)
     except pydantic.ValidationError as exc:
@@ -134,6 +137,7 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
             data.append(merged)
         else:
             data.append(item.model_dump() if isinstance(item, model) else item)
+    check_int_rows(model, [row for row in data if isinstance(row, Mapping)])
     adapter = _LIST_ADAPTERS.get(model)
     if adapter is None:
         schema: Any = list[input_model(model)]  # type: ignore[misc]
@@ -233,6 +237,7 @@ def validated_changes(facts: Facts, data: Mapping[str, Any]) -> dict[str, Any]:
             msg = f"{model.__name__}.{name} cannot be changed by an update"
             raise ValidationError(msg, field=name)
         changes[name] = validate_field(model, name, value)
+    check_int_inputs(model, data)
     check_storable(model, changes)
     user = current_user_id()
     if changes and user is not None and "updated_by" in facts.column:

@@ -10,10 +10,12 @@ no part of the input ever becomes SQL text.
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 import pydantic
 from sqlalchemy import (
@@ -103,6 +105,8 @@ def coerce_value(model: type[Any], name: str, value: Any) -> Any:
     """Validate `value` for column `name` of `model` (`ValidationError` if wrong)."""
     if value is None:
         return None
+    if type(value) is not int and name in _int_fields(model):
+        check_int_input(name, value)
     try:
         result = _adapter(model, name).validate_python(value)
     except pydantic.ValidationError as exc:
@@ -197,6 +201,88 @@ def check_storable_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> 
             if min(ints) < low or max(ints) > high:
                 for value in ints:
                     check_int(name, value, ranges[name])
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,40}")
+#: Floats beyond this magnitude cannot tell which integer was meant (2**53).
+MAX_EXACT_FLOAT_INT = 2**53
+
+
+def check_int_input(name: str, value: object) -> object:
+    """Refuse a value for an integer column that would be truncated or coerced.
+
+    Accepted: an `int` (not a `bool`); a `float` or `Decimal` without a
+    fraction (`3.0`, `Decimal("3")`), a float only up to 2**53 in magnitude,
+    where every integer still has its own float; a `str` of ASCII digits with
+    an optional sign (`"3"`, `"-12"`), as query strings give them. Refused:
+    `True` / `False`, `3.5`, NaN and infinities, `"3.0"`, `" 3"`, `"3_000"`,
+    bytes, and anything else. `None` is left to the field's nullability.
+    """
+    problem = None
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, bool):
+        problem = "give an int, not a bool"
+    elif isinstance(value, float):
+        if not value.is_integer():
+            problem = "a float with a fraction (or NaN / infinity) is not an int"
+        elif abs(value) > MAX_EXACT_FLOAT_INT:
+            problem = "a float this large does not say which int it means"
+    elif isinstance(value, Decimal):
+        if not value.is_finite() or value != value.to_integral_value():
+            problem = "a Decimal with a fraction (or NaN / infinity) is not an int"
+    elif isinstance(value, str):
+        if not _INT_TEXT.fullmatch(value):
+            problem = "text for an int must be digits with an optional sign"
+    else:
+        problem = f"give an int, not {type(value).__name__}"
+    if problem is not None:
+        msg = f"bad value for {name!r}: {problem}"
+        raise ValidationError(msg, field=name)
+    return value
+
+
+def check_int_inputs(model: type[Any], data: Mapping[str, Any]) -> None:
+    """`check_int_input` for every integer field of `model` that `data` names."""
+    fields = _int_fields(model)
+    for name, value in data.items():
+        if type(value) is not int and value is not None and name in fields:
+            check_int_input(name, value)
+
+
+def check_int_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    """`check_int_inputs` for many rows, column by column (one type test a value)."""
+    fields = _int_fields(model)
+    if not fields or not rows:
+        return
+    for name in fields:
+        values = [row.get(name) for row in rows]
+        if not {type(value) for value in values} <= {int, type(None)}:
+            for value in values:
+                check_int_input(name, value)
+
+
+_INT_FIELDS: dict[type[Any], frozenset[str]] = {}
+
+
+def _int_fields(model: type[Any]) -> frozenset[str]:
+    """Fields of `model` stored in an integer column and typed `int` in Python."""
+    fields = _INT_FIELDS.get(model)
+    if fields is None:
+        known = getattr(model, "model_fields", {})
+        fields = _INT_FIELDS[model] = frozenset(
+            name
+            for name in _int_ranges(model)
+            if name in known and _is_int_annotation(known[name].annotation)
+        )
+    return fields
+
+
+def _is_int_annotation(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return len(args) == 1 and _is_int_annotation(args[0])
+    return isinstance(annotation, type) and issubclass(annotation, int)
 
 
 def _encodes(text: str) -> bool:

@@ -41,6 +41,7 @@ from sqlmodel import Session
 from sqlmodel.main import default_registry
 
 from ..exceptions import TenantError, ValidationError
+from ..tenancy import _check_id as check_tenant_id
 from ..tenancy import current_user_id, get_current_tenant, is_scoping_bypassed
 from .models import TenantMixin
 
@@ -508,6 +509,8 @@ def _check_inserted(
         if given is _ABSENT or given is None:
             msg = f"rows of {model.__name__} need a tenant_id under a bypass"
             raise ValidationError(msg, field="tenant_id")
+        if given is not _EXPRESSION:
+            check_tenant_id(given, "tenant_id")
         return
     if given is _ABSENT:
         return  # the column's default stamps the current tenant
@@ -546,7 +549,9 @@ def check_new_rows(
         if given is None:
             msg = f"rows of {model.__name__} need a tenant_id under a bypass"
             raise ValidationError(msg, field="tenant_id")
-        if tenant is not None and not _same_tenant(given, tenant):
+        if tenant is None:
+            check_tenant_id(given, "tenant_id")
+        elif not _same_tenant(given, tenant):
             _refuse(model, given, tenant)
 
 
@@ -584,5 +589,8 @@ def _check_row(session: SASession, obj: SQLModel, scope: Scope, action: str) -> 
     tenant = scope.require(f"{action} of {model.__name__}")
     bind_session(session, scope)
     given = getattr(obj, "tenant_id", None)
-    if tenant is not None and not _same_tenant(given, tenant):
+    if tenant is None:
+        if action == "insert":
+            check_tenant_id(given, "tenant_id")
+    elif not _same_tenant(given, tenant):
         _refuse(model, given, tenant)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -98,3 +100,89 @@ async def test_limits_beyond_the_database_range_are_refused(
     with pytest.raises(ValidationError) as caught:
         await call()
     assert caught.value.field in {"limit", "offset", "page"}
+
+
+#: Values an int column refuses: each would be truncated, coerced or guessed.
+INT_REFUSED: list[object] = [
+    True,
+    False,
+    3.5,
+    float("nan"),
+    float("inf"),
+    2.0**60,
+    Decimal("2.5"),
+    Decimal("NaN"),
+    "3.0",
+    " 3",
+    "3_000",
+    "1e3",
+    "\u0663",  # ARABIC-INDIC DIGIT THREE: int() takes it, a query string should not
+    b"3",
+    [3],
+]
+
+INT_CALLS: dict[str, Callable[[Any, Any], Awaitable[object]]] = {
+    "create": lambda v, _: Members().create({"email": "i@x", "name": "i", "rank": v}),
+    "create_many": lambda v, _: Members().create_many(
+        [{"email": "i1@x", "name": "i"}, {"email": "i2@x", "name": "i", "rank": v}]
+    ),
+    "update": lambda v, made: Members().update(made.id, {"rank": v}),
+    "upsert": lambda v, made: Members().upsert(
+        {"id": made.id, "email": made.email, "name": "u", "rank": v}
+    ),
+    "update_many set": lambda v, _: Members().update_many({}, {"rank": v}),
+    "update_many filter": lambda v, _: Members().update_many(
+        {"rank": v}, {"name": "x"}
+    ),
+    "list": lambda v, _: Members().list({"rank__gte": v}),
+    "list in": lambda v, _: Members().list({"rank__in": [1, v]}),
+    "count": lambda v, _: Members().count({"rank": v}),
+    "exists": lambda v, _: Members().exists({"rank__ne": v}),
+    "get_one": lambda v, _: Members().get_one(rank=v),
+    "get_by_field": lambda v, _: Members().get_by_field("rank", v),
+    "list_paginated": lambda v, _: Members().list_paginated(filters={"rank": v}),
+    "list_after": lambda v, _: Members().list_after(filters={"rank__lt": v}),
+}
+
+
+@pytest.mark.parametrize("call", sorted(INT_CALLS))
+async def test_ints_that_would_be_coerced_are_refused(db: Database, call: str) -> None:
+    """Bools, fractions, NaN, vague text for an int column: ValidationError, no SQL."""
+    made = await Members().create({"email": "keep@x.io", "name": "kept", "rank": 1})
+    sent: list[str] = []
+
+    def spy(*args: Any) -> None:
+        sent.append(str(args[2]))
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", spy)
+    try:
+        for value in INT_REFUSED:
+            with pytest.raises(ValidationError) as caught:
+                await INT_CALLS[call](value, made)
+            assert caught.value.field == "rank", value
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", spy)
+    assert sent == []
+    rows = await Members().list()
+    assert [(m.email, m.name, m.rank) for m in rows] == [("keep@x.io", "kept", 1)]
+
+
+class Level(enum.IntEnum):
+    """An int enum: its members are ints."""
+
+    HIGH = 7
+
+
+EXACT_INTS = [(3.0, 3), (Decimal("-4"), -4), (Decimal("5.000"), 5), ("6", 6)]
+EXACT_INTS += [("+8", 8), (Level.HIGH, 7), (-(2.0**31), -(2**31))]
+
+
+@pytest.mark.parametrize(("given", "stored"), EXACT_INTS)
+async def test_ints_given_exactly_are_accepted(given: object, stored: int) -> None:
+    """Integral floats (to 2**53), Decimals and digit strings mean one int each."""
+    made = await Members().create({"email": "a@x", "name": "a", "rank": given})
+    assert (made.rank, type(made.rank)) == (stored, int)
+    assert await Members().count({"rank": given}) == 1
+    assert await Members().count({"rank__in": [given]}) == 1
+    updated = await Members().update(made.id, {"rank": given, "balance_cents": given})
+    assert (updated.rank, updated.balance_cents) == (stored, stored)

@@ -453,3 +453,21 @@ async def test_sqlite_insert_or_replace_is_refused(db: Database) -> None:
 
 class Users(AsyncRepository[User]):
     """Users (email unique across tenants)."""
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\x00b", " padded", "x" * 65])
+async def test_rows_under_a_bypass_name_a_valid_tenant(db: Database, bad: str) -> None:
+    """Under a bypass, a row's tenant_id must be a valid tenant id."""
+    row = {"email": "b@x", "name": "B", "tenant_id": bad}
+    with tenant_scope(None, bypass=True):
+        with pytest.raises(ValidationError) as caught:
+            await Members().create(row)
+        assert caught.value.field == "tenant_id"
+        with pytest.raises(ValidationError):
+            async with db.session() as session:
+                await session.exec(insert(Member), params=[row])
+        with pytest.raises(ValidationError):
+            async with db.session() as session:
+                session.add(Member(**row))
+                await session.flush()
+        assert await Members().count() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import select
 
 from dotmac_core import FILTER_OPERATORS, ValidationError
-from dotmac_core.db.filters import build_filters, parse_order_by
+from dotmac_core.db.filters import build_filters, parse_filters, parse_order_by
 
 from ..models import Member
 
@@ -178,3 +179,31 @@ def test_integer_bounds_are_the_column_types() -> None:
     """The ends of a 32-bit Integer column's range are accepted."""
     for value in (2**31 - 1, -(2**31)):
         assert build_filters(Member, {"rank": value})
+
+
+NOT_INTS: list[object] = [True, 2.5, float("nan"), float("-inf"), 2.0**54]
+NOT_INTS += [Decimal("1.5"), Decimal("sNaN"), "1.0", "1 ", "", "0x10", "1_0"]
+NOT_INTS += ["\u0661", b"1", None.__class__, object()]
+
+
+@pytest.mark.parametrize("value", NOT_INTS)
+def test_int_filters_refuse_values_that_would_be_coerced(value: object) -> None:
+    """A value an int column would truncate, coerce or guess: ValidationError."""
+    with pytest.raises(ValidationError) as caught:
+        build_filters(Member, {"rank": value})
+    assert caught.value.field == "rank"
+
+
+def test_int_filters_take_exact_values_as_ints() -> None:
+    """Integral floats, Decimals and digit strings become plain ints."""
+    terms = parse_filters(
+        Member, {"rank": 2.0, "rank__gte": Decimal("-3"), "rank__in": ["4", "+5"]}
+    )
+    assert [(t.value, type(t.value)) for t in terms[:2]] == [(2, int), (-3, int)]
+    assert terms[2].value == [4, 5]
+
+
+def test_non_int_columns_keep_their_own_rules() -> None:
+    """The int rules apply to int fields only: text for a str column stays text."""
+    (term,) = parse_filters(Member, {"email": "3.0"})
+    assert term.value == "3.0"

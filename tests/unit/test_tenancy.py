@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -126,3 +128,70 @@ async def test_threads_copy_with_to_thread_but_not_executor() -> None:
         context = contextvars.copy_context()
         copied = await loop.run_in_executor(pool, context.run, get_current_tenant)
         assert copied == "threaded"
+
+
+HOSTILE_IDS = [
+    "a\x00b",
+    "caf\udce9",
+    "a\nb",
+    "tab\there",
+    "bell\x07",
+    "del\x7f",
+    "zero\u200bwidth",
+    "line\u2028sep",
+    "x" * 65,
+    b"acme",
+    uuid.UUID(int=1),
+    1.5,
+]
+
+
+@pytest.mark.parametrize("bad", HOSTILE_IDS)
+@pytest.mark.parametrize("field", ["tenant_id", "user_id"])
+def test_hostile_ids_are_refused_at_every_entry_point(bad: object, field: str) -> None:
+    """NUL, control, format characters, surrogates, over-long or non-str ids."""
+    tenant, user = (bad, None) if field == "tenant_id" else ("ok", bad)
+    entries = [
+        lambda: TenantContext(tenant, user),  # type: ignore[arg-type]
+        lambda: set_current_tenant(tenant, user_id=user),  # type: ignore[arg-type]
+        lambda: tenant_scope(tenant, user_id=user).__enter__(),  # type: ignore[arg-type]
+    ]
+    for entry in entries:
+        with pytest.raises(ValidationError) as info:
+            entry()
+        assert info.value.field == field
+    assert get_current_tenant() is None
+
+
+def test_str_subclasses_are_stored_as_plain_str() -> None:
+    """A StrEnum tenant id works; the context holds the plain string."""
+
+    class Tenant(enum.StrEnum):
+        ACME = "acme"
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+    with tenant_scope(Tenant.ACME, user_id=Sneaky("bob")) as context:
+        assert context is not None
+        assert type(context.tenant_id) is str
+        assert context.tenant_id == "acme"
+        assert type(context.user_id) is str
+        assert context.user_id != "alice"
+
+
+def test_unicode_ids_within_the_rules_are_kept() -> None:
+    """Printable non-ASCII ids and inner spaces are fine, up to 64 characters."""
+    for good in ["café", "東京", "acme corp", "x" * 64, "a:b{c}*"]:
+        assert TenantContext(good).tenant_id == good
+
+
+def test_roles_that_are_not_a_collection_are_refused() -> None:
+    """roles=5 is a ValidationError, not a TypeError."""
+    with pytest.raises(ValidationError):
+        TenantContext("t", roles=5)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        set_current_tenant(TenantContext("t"), roles=5)  # type: ignore[arg-type]
