@@ -202,11 +202,15 @@ def tenant_scope(
     must name their tenant. Each bypass is logged at WARNING with its reason.
 
     Raises:
-        ValidationError: `bypass=True` with a tenant, or an invalid tenant.
+        ValidationError: `bypass=True` with a tenant, `user_id` or `roles`
+            without one, or an invalid tenant or user id.
     """
     if bypass and tenant is not None:
         msg = "bypass=True turns tenant scoping off: pass tenant None with it"
         raise ValidationError(msg, field="bypass")
+    if tenant is None and (user_id is not None or _any_role(roles)):
+        msg = "user_id and roles belong to a tenant: pass a tenant with them"
+        raise ValidationError(msg, field="user_id")
     context = None if tenant is None else _as_context(tenant, user_id, roles)
     if bypass:
         logger.warning("tenant scoping bypassed: %s", reason or "no reason given")

@@ -195,3 +195,12 @@ def test_roles_that_are_not_a_collection_are_refused() -> None:
         TenantContext("t", roles=5)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         set_current_tenant(TenantContext("t"), roles=5)  # type: ignore[arg-type]
+
+
+def test_user_and_roles_without_a_tenant_are_refused() -> None:
+    """`tenant_scope(None, user_id=...)` would drop the user: ValidationError."""
+    with pytest.raises(ValidationError) as info, tenant_scope(None, user_id="bob"):
+        pass  # pragma: no cover - refused before the block
+    assert info.value.field == "user_id"
+    with pytest.raises(ValidationError), tenant_scope(None, roles=["admin"]):
+        pass  # pragma: no cover - refused before the block
