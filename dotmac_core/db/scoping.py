@@ -9,6 +9,12 @@ Listeners on `ScopedSession` (the sync half of every toolkit `AsyncSession`):
   execution options).
 - Flushes stamp new rows with the current tenant and refuse rows, changes or
   deletions that belong to another tenant; `updated_by` follows the acting user.
+- ORM INSERTs are checked row by row (a row naming another tenant, `None` or
+  an expression is refused; one naming none gets the current tenant); ORM
+  UPDATEs may not set `tenant_id`; UPDATE and DELETE carry the tenant in
+  their own WHERE, which also reaches a bulk UPDATE by primary key.
+- Core statements on a tenant model's `Table`, which loader criteria never
+  reach, are refused under a tenant.
 - A session is bound, for its whole life, to the tenant it first worked for
   (a `TransactionManager` binds it when it begins): using it under another
   tenant raises `TenantError`, because its identity map would otherwise hand
@@ -16,7 +22,7 @@ Listeners on `ScopedSession` (the sync half of every toolkit `AsyncSession`):
 
 With no tenant set, tenant-scoped work raises `TenantError` (fail closed)
 unless the code runs inside `tenant_scope(None, bypass=True)`. Raw SQL text
-and Core statements on a bare connection are not rewritten.
+and statements on a bare connection are not rewritten.
 """
 
 from __future__ import annotations
