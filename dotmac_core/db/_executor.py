@@ -147,9 +147,10 @@ async def session_driver(
         return None
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         return None
-    # The connection of the session's transaction, remembered for the
-    # transaction's life: asking the session costs two greenlet hops a call.
-    transaction = sync.get_transaction()
+    # The connection of the session's innermost transaction, remembered for
+    # that transaction's life: asking the session costs two greenlet hops a
+    # call. A new savepoint asks again: that is when SQLAlchemy sends SAVEPOINT.
+    transaction = sync.get_nested_transaction() or sync.get_transaction()
     known = sync.info.get(_CONNECTION)
     if (
         known is not None
@@ -161,11 +162,33 @@ async def session_driver(
     else:
         connection = await session.connection()
         raw = await connection.get_raw_connection()
-        sync.info[_CONNECTION] = (sync.get_transaction(), connection, raw)
+        current = sync.get_nested_transaction() or sync.get_transaction()
+        sync.info[_CONNECTION] = (current, connection, raw)
     connected: Any = raw.driver_connection
-    if not driver.in_transaction(connected):
+    if not driver.in_transaction(connected) and not await _begin_now(
+        raw.dbapi_connection
+    ):
         return None
     return driver, connected, connection
+
+
+async def _begin_now(adapted: Any) -> bool:
+    """Send the BEGIN that SQLAlchemy's asyncpg adapter holds back; whether it did.
+
+    The adapter begins its transaction (isolation level, read only, as the
+    session set them) with the first statement. Asking it to do that now, by
+    its own method, lets the first statement of a transaction run on the
+    driver too: the same BEGIN, sent at the same point, by the same code.
+    Where the adapter has no such method, the statement runs through
+    SQLAlchemy, which sends the BEGIN itself.
+    """
+    start = getattr(adapted, "_start_transaction", None)
+    if start is None or getattr(adapted, "_transaction", True) is not None:
+        return False
+    if getattr(adapted, "isolation_level", None) == "autocommit":
+        return False
+    await start()
+    return getattr(adapted, "_transaction", None) is not None
 
 
 async def on_connection(
@@ -186,12 +209,19 @@ async def on_connection(
 
 
 async def _on_session(session: AsyncSession, query: Query) -> list[Any] | None:
-    """A read's rows from `session`'s own connection; `None`: SQLAlchemy's way."""
+    """A query's rows from `session`'s own connection; `None`: SQLAlchemy's way.
+
+    Writes too, unless a bulk-write listener of the session's would miss them.
+    """
     engine = getattr(session.sync_session.get_bind(), "engine", None)
     driver = driver_for(engine)
     compiled = None if driver is None or query.load else driver.compiled(query)
     if compiled is None:
         return None
+    if query.write:
+        events: Any = session.sync_session.dispatch
+        if events.after_bulk_update or events.after_bulk_delete:
+            return None
     found = await session_driver(session, query.facts)
     if found is None:
         return None
@@ -253,7 +283,10 @@ def _from_records(
     if session is None:
         objects = _rows.detached(query.facts, records)
     else:
-        objects = _rows.into_session(session, query.facts, records)
+        # A write's rows replace what the session holds (`populate_existing`).
+        objects = _rows.into_session(
+            session, query.facts, records, overwrite=query.write
+        )
     return Loaded(objects, total, more)
 
 
@@ -279,10 +312,9 @@ async def rows(
             async with database.read_session() as own:
                 return await _session_rows(own, query)
         with target.exclusive():
-            if not query.write:
-                records = await _on_session(target, query)
-                if records is not None:
-                    return _from_records(query, records, target.sync_session)
+            records = await _on_session(target, query)
+            if records is not None:
+                return _from_records(query, records, target.sync_session)
             return await _session_rows(target, query)
 
 

@@ -173,13 +173,19 @@ def detached(facts: Facts, rows: Sequence[Sequence[Any]]) -> list[Any]:
 
 
 def into_session(
-    session: Session, facts: Facts, rows: Iterable[Sequence[Any]]
+    session: Session,
+    facts: Facts,
+    rows: Iterable[Sequence[Any]],
+    *,
+    overwrite: bool = False,
 ) -> list[Any]:
     """The session's objects for `rows`, as a query on it returns them.
 
     A row already in the identity map comes back as that object, with only
-    its unloaded (expired or deferred) attributes filled in from the row; a
-    new row becomes a persistent object of the session.
+    its unloaded (expired or deferred) attributes filled in from the row, or
+    with every attribute set from it when `overwrite` (the rows a write
+    returned: SQLAlchemy's `populate_existing`); a new row becomes a
+    persistent object of the session.
     """
     identity_map = session.identity_map
     keys, key_of, mapper = facts.keys, facts.key_of, facts.mapper
@@ -192,8 +198,10 @@ def into_session(
             session.add(obj)
             objects.append(obj)
             continue
-        unloaded = instance_state(existing).unloaded
-        if unloaded:
+        if overwrite:
+            for key, value in zip(keys, row, strict=False):
+                set_committed_value(existing, key, value)
+        elif unloaded := instance_state(existing).unloaded:
             for key, value in zip(keys, row, strict=False):
                 if key in unloaded:
                     set_committed_value(existing, key, value)
