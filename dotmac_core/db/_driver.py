@@ -292,6 +292,10 @@ class DriverExecutor:
     ) -> None:
         self.engine = engine
         self.dialect: Dialect = engine.dialect
+        #: Whether a call outside any transaction may run on a pooled connection
+        #: in autocommit; `False` when every statement needs a transaction of
+        #: its own (settings made per transaction, such as row-level security).
+        self.pooled = True
         self._via: type[_Asyncpg | _Aiosqlite] = (
             _Asyncpg if self.dialect.name == "postgresql" else _Aiosqlite
         )

@@ -126,7 +126,7 @@ def pooled_driver(db: Database, facts: Facts) -> DriverExecutor | None:
     """`db`'s driver executor, when a call on `facts`' model may run on the pool."""
     engine = db.engine.sync_engine
     driver = driver_for(engine)
-    if driver is None or _observed(engine, facts, None):
+    if driver is None or not driver.pooled or _observed(engine, facts, None):
         return None
     return driver
 
