@@ -7,12 +7,13 @@ Secrets are `SecretStr`: they never appear in a repr, a log line or an error.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any, Literal
 from urllib.parse import quote
 
 import pydantic
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -20,6 +21,8 @@ from sqlalchemy.exc import ArgumentError
 from .exceptions import ConfigurationError
 
 __all__ = ["CacheConfig", "DatabaseConfig", "SecurityConfig"]
+
+logger = logging.getLogger("dotmac_core.config")
 
 Driver = Literal["sqlite", "postgresql"]
 
@@ -181,7 +184,8 @@ class CacheConfig(_Settings):
     )
 
     backend: Literal["memory", "redis", "redis-cluster"] = "memory"
-    """Cache backend: in-process `memory`, `redis` or `redis-cluster`."""
+    """Cache backend: in-process `memory`, `redis` or `redis-cluster`. Unset,
+    a config with a `url` means `redis`; `memory` with a `url` is refused."""
     url: SecretStr | None = None
     """Redis URL (`redis://`, `rediss://`); wins over host/port/db. Secret."""
     host: str = "127.0.0.1"
@@ -221,6 +225,21 @@ class CacheConfig(_Settings):
     """Inside a `TransactionManager`, delete / invalidate after it commits (and
     not at all if it rolls back), so readers never re-cache the old row."""
 
+    @model_validator(mode="after")
+    def _url_means_redis(self) -> CacheConfig:
+        # A URL alone (say DOTMAC_CACHE_URL) asks for Redis: keeping the memory
+        # default would leave every process with a cache of its own, silently.
+        if self.url is not None:
+            if "backend" not in self.model_fields_set:
+                self.backend = "redis"
+            elif self.backend == "memory":
+                msg = (
+                    "url is set but backend is 'memory', which takes no url: "
+                    "set backend to 'redis' or 'redis-cluster', or unset url"
+                )
+                raise ValueError(msg)
+        return self
+
     def redis_url(self) -> str:
         """Return the Redis URL built from `url` or host/port/db (password kept)."""
         if self.url is not None:
@@ -232,13 +251,30 @@ class CacheConfig(_Settings):
 
 
 _PROCESS_SECRET = secrets.token_urlsafe(32)
+#: Whether the process-key warning has been logged (once per process).
+_warned_process_secret = False
+
+
+def _process_secret() -> SecretStr:
+    """Return this process's random cursor key, warning the first time it is used."""
+    global _warned_process_secret
+    if not _warned_process_secret:
+        _warned_process_secret = True
+        logger.warning(
+            "DOTMAC_SECURITY_SECRET_KEY is not set: this process signs pagination "
+            "cursors with a random key of its own, so other processes (workers, "
+            "replicas, restarts) reject its cursors; set the variable to share one"
+        )
+    return SecretStr(_PROCESS_SECRET)
 
 
 class SecurityConfig(_Settings):
     """Secrets and request conventions (`DOTMAC_SECURITY_*`).
 
-    Without `DOTMAC_SECURITY_SECRET_KEY` a random key is made once per process:
-    fine for one process, but set it when several processes share cursors.
+    Without `DOTMAC_SECURITY_SECRET_KEY` a random key is made once per process
+    (and a WARNING logged the first time it is used): fine for one process, but
+    each worker then rejects the cursors of the others, so set it whenever
+    several processes (or a restart) must accept each other's cursors.
     """
 
     model_config = SettingsConfigDict(
@@ -248,9 +284,7 @@ class SecurityConfig(_Settings):
         env_ignore_empty=True,
     )
 
-    secret_key: SecretStr = Field(
-        default_factory=lambda: SecretStr(_PROCESS_SECRET), min_length=16
-    )
+    secret_key: SecretStr = Field(default_factory=_process_secret, min_length=16)
     """Key that signs pagination cursors; at least 16 characters. Secret."""
     tenant_header: str = "X-Tenant-ID"
     """HTTP header that carries the tenant id."""
