@@ -473,6 +473,19 @@ def translate_error(exc: BaseException) -> BaseException:
         return _translate_driver(
             exc, kind=type(exc).__name__, invalidated=False, integrity=False
         )
+    if asyncpg is not None and isinstance(
+        exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)
+    ):
+        # A bare client-side error of a driver connection. Closed under it
+        # (the server went away: SQLAlchemy's dialect reads the same message
+        # as a disconnect) or in a state asyncpg cannot go on from, the
+        # connection is gone; anything else is a misuse of it.
+        kind = type(exc).__name__
+        if isinstance(
+            exc, asyncpg.InternalClientError
+        ) or "connection is closed" in str(exc):
+            return DatabaseConnectionError(f"database connection lost ({kind})")
+        return DatabaseError(f"database driver error ({kind}: {exc})")
     redis_error = _translate_redis(exc)
     if redis_error is not None:
         return redis_error

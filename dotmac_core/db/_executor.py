@@ -66,7 +66,6 @@ _OURS = scoping_listeners()
 
 #: A session whose dispatch shows the listeners of the session classes.
 _PROBE = ScopedSession()
-_CONNECTION = "dotmac_driver_connection"
 
 
 def _observed(engine: Engine, facts: Facts, session: Session | None) -> bool:
@@ -147,23 +146,14 @@ async def session_driver(
         return None
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         return None
-    # The connection of the session's innermost transaction, remembered for
-    # that transaction's life: asking the session costs two greenlet hops a
-    # call. A new savepoint asks again: that is when SQLAlchemy sends SAVEPOINT.
-    transaction = sync.get_nested_transaction() or sync.get_transaction()
-    known = sync.info.get(_CONNECTION)
-    if (
-        known is not None
-        and transaction is not None
-        and known[0] is transaction
-        and known[2].is_valid
-    ):
-        _, connection, raw = known
-    else:
+    known = session.remembered_connection()
+    if known is None:
         connection = await session.connection()
-        raw = await connection.get_raw_connection()
-        current = sync.get_nested_transaction() or sync.get_transaction()
-        sync.info[_CONNECTION] = (current, connection, raw)
+        session.remember_connection(connection)
+        known = session.remembered_connection()
+        if known is None:
+            return None
+    connection, raw = known
     connected: Any = raw.driver_connection
     if not driver.in_transaction(connected) and not await _begin_now(
         raw.dbapi_connection

@@ -20,7 +20,11 @@ from .scoping import ScopedSession
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator
 
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
 __all__ = ["AsyncSession", "ConcurrentSessionUseError"]
+
+_CONNECTION = "dotmac_driver_connection"
 
 
 class ConcurrentSessionUseError(DotMacError, RuntimeError):
@@ -80,6 +84,35 @@ class AsyncSession(_SQLModelAsyncSession):
             self._depth -= 1
             if not self._depth:
                 self._owner = None
+
+    def remember_connection(self, connection: AsyncConnection) -> None:
+        """Note `connection` as the one of the session's innermost transaction.
+
+        The driver path reuses it for the transaction's life instead of asking
+        the session (two greenlet hops a call). Call it right after the
+        session handed the connection out: reading its pooled connection then
+        needs no I/O.
+        """
+        sync = self.sync_session
+        current = sync.get_nested_transaction() or sync.get_transaction()
+        fairy = connection.sync_connection
+        if fairy is None:  # not started: nothing to remember
+            return
+        sync.info[_CONNECTION] = (current, connection, fairy.connection)
+
+    def remembered_connection(self) -> tuple[AsyncConnection, Any] | None:
+        """The connection noted for the innermost transaction and its pooled one.
+
+        `None` when none was noted for this transaction or it was invalidated.
+        """
+        sync = self.sync_session
+        known = sync.info.get(_CONNECTION)
+        if known is None:
+            return None
+        current = sync.get_nested_transaction() or sync.get_transaction()
+        if current is None or known[0] is not current or not known[2].is_valid:
+            return None
+        return known[1], known[2]
 
     if not TYPE_CHECKING:  # the parent's precise signatures stay visible to mypy
         exec = _guarded(_SQLModelAsyncSession.exec)

@@ -186,7 +186,8 @@ class TransactionManager:
             options[SQLITE_IMMEDIATE] = True
         try:
             with translate_errors():
-                await session.connection(execution_options=options)
+                connection = await session.connection(execution_options=options)
+            session.remember_connection(connection)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await session.close()
@@ -276,9 +277,16 @@ class TransactionManager:
                 await session.close()
 
     async def _close(self) -> None:
-        if self._session is not None and self._parent is None:
-            with anyio.CancelScope(shield=True):
-                await self._session.close()
+        session = self._session
+        if session is None or self._parent is not None:
+            return
+        if session.sync_session.get_transaction() is None:
+            # Committed: the connection is back in the pool and closing only
+            # forgets the objects, without I/O (no greenlet needed).
+            session.sync_session.close()
+            return
+        with anyio.CancelScope(shield=True):
+            await session.close()
 
     async def _run_callbacks(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
