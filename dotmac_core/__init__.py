@@ -28,6 +28,7 @@ from .db.models import NAMING_CONVENTION as NAMING_CONVENTION
 from .db.models import AuditMixin as AuditMixin
 from .db.models import BaseModel as BaseModel
 from .db.models import DBBaseModel as DBBaseModel
+from .db.models import PlainModel as PlainModel
 from .db.models import SoftDeleteMixin as SoftDeleteMixin
 from .db.models import TableNamingMixin as TableNamingMixin
 from .db.models import TenantBaseModel as TenantBaseModel
@@ -40,6 +41,9 @@ from .db.pagination import CursorPage as CursorPage
 from .db.pagination import PaginationParams as PaginationParams
 from .db.pagination import PaginationResult as PaginationResult
 from .db.repository import AsyncRepository as AsyncRepository
+from .db.rls import apply_row_level_security as apply_row_level_security
+from .db.rls import enable_row_level_security as enable_row_level_security
+from .db.rls import row_level_security_ddl as row_level_security_ddl
 from .db.session import AsyncSession as AsyncSession
 from .db.session import ConcurrentSessionUseError as ConcurrentSessionUseError
 from .db.transaction import TransactionManager as TransactionManager
@@ -86,6 +90,7 @@ from .tenancy import require_current_tenant as require_current_tenant
 from .tenancy import reset_current_tenant as reset_current_tenant
 from .tenancy import set_current_tenant as set_current_tenant
 from .tenancy import tenant_scope as tenant_scope
+from .types import UTCDateTime as UTCDateTime
 
 __version__ = "0.1.0"
 
@@ -124,6 +129,7 @@ __all__ = [
     "OperationTimeoutError",
     "PaginationParams",
     "PaginationResult",
+    "PlainModel",
     "RateLimitExceededError",
     "RedisBackend",
     "RedisClusterBackend",
@@ -140,8 +146,10 @@ __all__ = [
     "TimestampMixin",
     "TransactionConflictError",
     "TransactionManager",
+    "UTCDateTime",
     "UUIDMixin",
     "ValidationError",
+    "apply_row_level_security",
     "cached",
     "close_rate_limiters",
     "configure_cache",
@@ -149,6 +157,7 @@ __all__ = [
     "create_cache_service",
     "current_transaction",
     "current_user_id",
+    "enable_row_level_security",
     "get_cache",
     "get_current_tenant",
     "get_database",
@@ -166,6 +175,7 @@ __all__ = [
     "require_schemas",
     "reset_current_tenant",
     "retry_on_failure",
+    "row_level_security_ddl",
     "set_current_tenant",
     "snake_case",
     "standard_exception_handler",

@@ -146,6 +146,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return process
 
 
+# Its public home: Alembic writes a type as `type(obj).__module__` + its repr,
+# and a migration must not import a private module.
+UTCDateTime.__module__ = "dotmac_core.types"
+
+
 def as_utc(value: datetime) -> datetime:
     """A datetime read from the database, as an aware UTC datetime."""
     if value.tzinfo is UTC:

@@ -23,7 +23,7 @@ from ._pool import (
     install_sqlite_reset,
     install_sync_checkout,
 )
-from .models import DBBaseModel
+from .models import DBBaseModel, check_metadata_links
 from .session import AsyncSession
 
 if TYPE_CHECKING:
@@ -148,14 +148,25 @@ class Database:
         return self.session_factory()
 
     async def create_all(self, metadata: MetaData | None = None) -> None:
-        """Create the missing tables of `metadata` (default: the `DBBaseModel` ones)."""
+        """Create the missing tables of `metadata` (default: `DBBaseModel.metadata`).
+
+        The default holds every `DBBaseModel` and `PlainModel` table (one
+        `MetaData`); tables of classes based on `SQLModel` itself are on
+        `SQLModel.metadata`: pass it to create those.
+
+        Raises:
+            ConfigurationError: a foreign key links a table of
+                `SQLModel.metadata` with one of `DBBaseModel.metadata`.
+        """
+        check_metadata_links()
         target = DBBaseModel.metadata if metadata is None else metadata
         with translate_errors():
             async with self.engine.begin() as conn:
                 await conn.run_sync(target.create_all)
 
     async def drop_all(self, metadata: MetaData | None = None) -> None:
-        """Drop the tables of `metadata` (default: all `DBBaseModel` tables)."""
+        """Drop the tables of `metadata` (default: `DBBaseModel.metadata`'s)."""
+        check_metadata_links()
         target = DBBaseModel.metadata if metadata is None else metadata
         with translate_errors():
             async with self.engine.begin() as conn:

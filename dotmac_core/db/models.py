@@ -4,6 +4,14 @@ Every column a mixin adds is declared with `Field(sa_type=...)`, never with a
 shared `sa_column=Column(...)`, so each table gets its own `Column` and any
 number of tables can share a mixin. Without `table=True` the same classes are
 plain pydantic schemas.
+
+Every table of the toolkit lands on one `MetaData`, `PlainModel.metadata`
+(which is `DBBaseModel.metadata`): `DBBaseModel` tables and `PlainModel`
+tables (link tables, composite or integer keys) can reference each other,
+`Database.create_all()` creates them all and Alembic sees them all. A table
+declared on `SQLModel` itself lands on `SQLModel.metadata` instead; a foreign
+key between the two metadata cannot be resolved, so one is refused with a
+`ConfigurationError` naming the class to move (`check_metadata_links`).
 """
 
 from __future__ import annotations
@@ -11,21 +19,25 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from sqlalchemy import MetaData, String
-from sqlalchemy.orm import declared_attr
+from sqlalchemy import MetaData, String, event
+from sqlalchemy.orm import Mapper, declared_attr
 from sqlmodel import Field, SQLModel
 
-from ..exceptions import TenantError
+from ..exceptions import ConfigurationError, TenantError
 from ..tenancy import MAX_TENANT_ID_LENGTH, current_user_id, get_current_tenant
 from ._types import UTCDateTime, utc_now, uuid7
+
+if TYPE_CHECKING:
+    from sqlalchemy import ForeignKey
 
 __all__ = [
     "NAMING_CONVENTION",
     "AuditMixin",
     "BaseModel",
     "DBBaseModel",
+    "PlainModel",
     "SoftDeleteMixin",
     "TableNamingMixin",
     "TenantBaseModel",
@@ -139,14 +151,27 @@ class TenantMixin(SQLModel):
     )
 
 
-class DBBaseModel(TimestampMixin, UUIDMixin, TableNamingMixin):
-    """Base of table models: UUID `id`, `created_at`, `updated_at`, snake_case name.
+class PlainModel(SQLModel):
+    """`SQLModel` on the toolkit's metadata, adding no columns: for link tables.
 
-    Subclass with `table=True` for a table, without it for a schema. Its
-    metadata carries `NAMING_CONVENTION`, so constraint names are stable.
+    Use it where the SQLModel docs write `SQLModel`, for a table that needs
+    neither the UUID `id` nor the timestamps of `DBBaseModel`: a link table
+    whose primary key is its two foreign keys, an integer or natural key. Its
+    table lands on `DBBaseModel.metadata` (the same object), so foreign keys
+    to and from `DBBaseModel` tables resolve, `Database.create_all()` creates
+    it and Alembic compares it. Its metadata carries `NAMING_CONVENTION`.
     """
 
     metadata: ClassVar[MetaData] = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class DBBaseModel(TimestampMixin, UUIDMixin, TableNamingMixin, PlainModel):
+    """Base of table models: UUID `id`, `created_at`, `updated_at`, snake_case name.
+
+    Subclass with `table=True` for a table, without it for a schema. Its
+    metadata is `PlainModel.metadata`, which carries `NAMING_CONVENTION`, so
+    constraint names are stable.
+    """
 
 
 BaseModel = DBBaseModel
@@ -155,3 +180,52 @@ BaseModel = DBBaseModel
 
 class TenantBaseModel(TenantMixin, DBBaseModel):
     """`DBBaseModel` plus `TenantMixin`: the base of every tenant-owned table."""
+
+
+def check_metadata_links() -> None:
+    """Refuse a foreign key between `SQLModel.metadata` and the toolkit's metadata.
+
+    A class based on `SQLModel` itself puts its table on `SQLModel.metadata`,
+    where a foreign key naming a `DBBaseModel` table (or the reverse) cannot
+    be resolved: SQLAlchemy would fail later with `NoReferencedTableError`,
+    and `create_all()` would not create the table. Runs before mappers are
+    configured, and in `Database.create_all()`.
+
+    Raises:
+        ConfigurationError: a table references a table of the other metadata;
+            the message names the class to base on `PlainModel`.
+    """
+    ours, theirs = PlainModel.metadata, SQLModel.metadata
+    for source, other in ((theirs, ours), (ours, theirs)):
+        for table in source.tables.values():
+            for fk in table.foreign_keys:
+                target = _target_table(fk)
+                if target is None or target in source.tables:
+                    continue
+                if target in other.tables:
+                    moved = table if source is theirs else other.tables[target]
+                    msg = (
+                        f"table {table.fullname!r} references {fk.target_fullname!r},"
+                        f" whose table is on {_NAMES[other is ours]}; a foreign key"
+                        " cannot cross metadata: base the class of table"
+                        f" {moved.fullname!r} on dotmac_core.PlainModel instead of"
+                        " SQLModel, so both tables share DBBaseModel.metadata"
+                    )
+                    raise ConfigurationError(msg)
+
+
+_NAMES = {True: "DBBaseModel.metadata", False: "SQLModel.metadata"}
+
+
+def _target_table(fk: ForeignKey) -> str | None:
+    """The key of the table a string foreign key names (`None`: a Column object).
+
+    A foreign key given a `Column` object resolves through that column,
+    whatever its metadata; only a string (`"hero.id"`) is looked up by name.
+    """
+    if not isinstance(getattr(fk, "_colspec", None), str):
+        return None
+    return fk.target_fullname.rpartition(".")[0]
+
+
+event.listen(Mapper, "before_configured", check_metadata_links)
