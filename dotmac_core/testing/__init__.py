@@ -1,4 +1,19 @@
-"""Helpers for your own test suite: no retry waits, no leftover rate limits.
+"""Helpers and a pytest plugin for your own test suite.
+
+Enable the plugin in your top-level conftest.py (it needs pytest-asyncio):
+
+```python
+pytest_plugins = ["dotmac_core.testing"]
+```
+
+It gives the fixtures `dotmac_db` (a database per test, registered as the
+default, emptied afterwards), `dotmac_cache` (an in-memory cache),
+`dotmac_tenant` (a current tenant, also through the `dotmac_tenant` marker)
+and `dotmac_queries` (a `QueryCounter`), and switches `retry_on_failure` off
+for the run. `assert_tenant_isolated` probes a repository across two tenants.
+See the Testing page of the docs.
+
+The helpers below work without the plugin:
 
 ```python
 # conftest.py: a failing call fails at once, without backoff sleeps
@@ -19,13 +34,42 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ._ratelimit_store import LOCAL_STORE
-from .decorators import _RETRY_MODE
+from .._ratelimit_store import LOCAL_STORE
+from ..decorators import _RETRY_MODE
+from ._isolation import assert_tenant_isolated as assert_tenant_isolated
+from ._plugin import DEFAULT_TENANT as DEFAULT_TENANT
+from ._plugin import DEFAULT_URL as DEFAULT_URL
+from ._plugin import _dotmac_clean_process_state as _dotmac_clean_process_state
+from ._plugin import dotmac_cache as dotmac_cache
+from ._plugin import dotmac_database_url as dotmac_database_url
+from ._plugin import dotmac_db as dotmac_db
+from ._plugin import dotmac_metadata as dotmac_metadata
+from ._plugin import dotmac_queries as dotmac_queries
+from ._plugin import dotmac_tenant as dotmac_tenant
+from ._plugin import pytest_addoption as pytest_addoption
+from ._plugin import pytest_collection_modifyitems as pytest_collection_modifyitems
+from ._plugin import pytest_configure as pytest_configure
+from ._plugin import pytest_unconfigure as pytest_unconfigure
+from ._queries import QueryCounter as QueryCounter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 __all__ = [
+    "DEFAULT_TENANT",
+    "DEFAULT_URL",
+    "QueryCounter",
+    "assert_tenant_isolated",
+    "dotmac_cache",
+    "dotmac_database_url",
+    "dotmac_db",
+    "dotmac_metadata",
+    "dotmac_queries",
+    "dotmac_tenant",
+    "pytest_addoption",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_unconfigure",
     "record_retry_delays",
     "reset_rate_limits",
     "retries_disabled",
