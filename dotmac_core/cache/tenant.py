@@ -6,7 +6,11 @@ tag, so one tenant's keys and its generation share a slot, and the id is
 percent-encoded, so ids containing `:`, `{`, `}` or spaces can neither collide
 with other ids nor move the tag. The tenant comes from the `tenant_id`
 argument or the current tenant context; with neither, `TenantError` is raised
-and nothing is read or written under a shared key.
+and nothing is read or written under a shared key. A `tenant_id` argument
+obeys the rules of `tenant_scope()`: a non-empty `str` of at most 64
+printable characters without surrounding whitespace, NUL, other control,
+format or separator characters, or lone surrogates; anything else is a
+`ValidationError` before any key is built.
 
 `invalidate_tenant()` replaces the tenant's generation token: one write,
 whatever the number of keys; the old entries read as misses and expire by
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ..exceptions import ConfigurationError, TenantError, ValidationError
+from ..exceptions import ConfigurationError, TenantError
+from ..tenancy import _check_id as check_tenant_id
 from ..tenancy import get_current_tenant
 from .codec import codec_for
 from .service import CacheService, _check_expiry, create_cache_service, get_cache
@@ -47,6 +52,10 @@ class TenantAwareCacheManager:
         backend: As for `create_cache_service`.
         url: As for `create_cache_service`.
         config: As for `create_cache_service`.
+
+    Every method takes `tenant_id=` (default: the current tenant); a given
+    id must pass the same checks as `tenant_scope()`, else the call raises
+    `ValidationError` naming `tenant_id`.
 
     Raises:
         ConfigurationError: the key prefix contains `{` or `}` (it would take
@@ -101,10 +110,10 @@ class TenantAwareCacheManager:
                     "the current tenant (tenant_scope)"
                 )
                 raise TenantError(msg)
-        elif not isinstance(tenant_id, str) or not tenant_id:
-            msg = "tenant_id must be a non-empty str"
-            raise ValidationError(msg, field="tenant_id")
-        return tenant_id
+            return tenant_id  # checked when the context was set
+        # tenant_scope()'s own check: an id no tenant context may hold names no
+        # cache tenant either, and a str subclass is keyed by its plain text.
+        return check_tenant_id(tenant_id, "tenant_id")
 
     def _scope(
         self, tenant_id: str | None, namespace: str | None

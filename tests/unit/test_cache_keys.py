@@ -1,9 +1,13 @@
-"""Key layout and encodings: injective, tag-safe, stable across processes."""
+"""Key layout and encodings: injective, tag-safe, stable across processes.
+
+Tenant ids given to `TenantAwareCacheManager` obey the tenancy rules.
+"""
 
 from __future__ import annotations
 
 import inspect
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import date
 from enum import Enum
 from typing import Any
@@ -12,7 +16,12 @@ import pytest
 from pydantic import BaseModel
 from redis.crc import key_slot
 
-from dotmac_core import ConfigurationError
+from dotmac_core import ConfigurationError, ValidationError
+from dotmac_core.cache import (
+    MemoryBackend,
+    TenantAwareCacheManager,
+    create_cache_service,
+)
 from dotmac_core.cache._keys import (
     ArgumentBinder,
     Keyspace,
@@ -20,6 +29,8 @@ from dotmac_core.cache._keys import (
     encode_name,
     key_function,
 )
+
+from .test_tenancy import HOSTILE_IDS
 
 ROOT = Keyspace("dotmac:")
 
@@ -243,3 +254,58 @@ def test_templates_reach_into_arguments() -> None:
     assert make((Point(x=4), [7, 8]), {}) == "p:4:8"
     with pytest.raises(ConfigurationError, match="'usr'"):
         key_function(_nested, "p:{usr.x}")
+
+
+def _tenant_calls(
+    tenants: TenantAwareCacheManager, tenant: Any
+) -> list[Callable[[], Awaitable[object]]]:
+    """One call of each TenantAwareCacheManager method for `tenant`."""
+
+    async def build() -> int:
+        return 1
+
+    return [
+        lambda: tenants.get("k", tenant_id=tenant),
+        lambda: tenants.set("k", 1, tenant_id=tenant),
+        lambda: tenants.exists("k", tenant_id=tenant),
+        lambda: tenants.delete("k", tenant_id=tenant),
+        lambda: tenants.get_many(["k"], tenant_id=tenant),
+        lambda: tenants.set_many({"k": 1}, tenant_id=tenant),
+        lambda: tenants.delete_many(["k"], tenant_id=tenant),
+        lambda: tenants.get_or_set("k", build, tenant_id=tenant),
+        lambda: tenants.invalidate_namespace("ns", tenant_id=tenant),
+        lambda: tenants.invalidate_tenant(tenant),
+    ]
+
+
+@pytest.mark.parametrize("bad", [*HOSTILE_IDS, "", " acme", "acme\n"])
+async def test_cache_tenant_ids_follow_the_tenancy_rules(bad: object) -> None:
+    """Each tenant cache method refuses what tenant_scope() refuses; nothing written."""
+    backend = MemoryBackend()
+    tenants = TenantAwareCacheManager(create_cache_service(backend))
+    for call in _tenant_calls(tenants, bad):
+        with pytest.raises(ValidationError) as info:
+            await call()
+        assert info.value.field == "tenant_id"
+    assert len(backend) == 0
+
+
+async def test_cache_tenant_ids_are_keyed_by_their_plain_text() -> None:
+    """A str subclass id reaches the same keys as its plain string, nothing else."""
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+        def __str__(self) -> str:
+            return "other"
+
+    tenants = TenantAwareCacheManager(create_cache_service(MemoryBackend()))
+    for good in ["acme", "café", "a:b{c}*", "acme corp", "x" * 64]:
+        await tenants.set("k", good, tenant_id=good)
+        assert await tenants.get("k", tenant_id=good) == good
+    await tenants.set("k", "sneaky", tenant_id=Sneaky("acme"))
+    assert await tenants.get("k", tenant_id="acme") == "sneaky"
+    assert await tenants.get("k", tenant_id="other") is None
