@@ -3,6 +3,14 @@
 Everything public is importable from here: ``from dotmac_core import DBBaseModel``.
 """
 
+from .asgi import DEFAULT_EXEMPT_PATHS as DEFAULT_EXEMPT_PATHS
+from .asgi import PROBLEM_JSON as PROBLEM_JSON
+from .asgi import TenantMiddleware as TenantMiddleware
+from .asgi import install_exception_handlers as install_exception_handlers
+from .asgi import problem_details as problem_details
+from .asgi import tenant_dependency as tenant_dependency
+from .asgi import tenant_from_header as tenant_from_header
+from .asgi import tenant_from_subdomain as tenant_from_subdomain
 from .cache import BoundCachedFunction as BoundCachedFunction
 from .cache import CacheBackend as CacheBackend
 from .cache import CachedFunction as CachedFunction
@@ -73,9 +81,11 @@ from .exceptions import ValidationError as ValidationError
 from .exceptions import translate_errors as translate_errors
 from .guards import is_cache_available as is_cache_available
 from .guards import is_database_available as is_database_available
+from .guards import is_fastapi_available as is_fastapi_available
 from .guards import is_schemas_available as is_schemas_available
 from .guards import require_cache as require_cache
 from .guards import require_database as require_database
+from .guards import require_fastapi as require_fastapi
 from .guards import require_schemas as require_schemas
 from .ratelimit import close_rate_limiters as close_rate_limiters
 from .ratelimit import rate_limit as rate_limit
@@ -95,9 +105,11 @@ from .types import UTCDateTime as UTCDateTime
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_EXEMPT_PATHS",
     "FILTER_OPERATORS",
     "MAX_PAGE_SIZE",
     "NAMING_CONVENTION",
+    "PROBLEM_JSON",
     "AlreadyExistsError",
     "AsyncRepository",
     "AsyncSession",
@@ -141,6 +153,7 @@ __all__ = [
     "TenantBaseModel",
     "TenantContext",
     "TenantError",
+    "TenantMiddleware",
     "TenantMixin",
     "TenantToken",
     "TimestampMixin",
@@ -162,16 +175,20 @@ __all__ = [
     "get_current_tenant",
     "get_database",
     "get_tenant_context",
+    "install_exception_handlers",
     "is_cache_available",
     "is_database_available",
+    "is_fastapi_available",
     "is_schemas_available",
     "is_scoping_bypassed",
     "is_transient",
+    "problem_details",
     "rate_limit",
     "rate_limit_fail_opens",
     "require_cache",
     "require_current_tenant",
     "require_database",
+    "require_fastapi",
     "require_schemas",
     "reset_current_tenant",
     "retry_on_failure",
@@ -179,6 +196,9 @@ __all__ = [
     "set_current_tenant",
     "snake_case",
     "standard_exception_handler",
+    "tenant_dependency",
+    "tenant_from_header",
+    "tenant_from_subdomain",
     "tenant_scope",
     "timeout",
     "transactional",

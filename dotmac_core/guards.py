@@ -2,7 +2,7 @@
 
 The core (models, schemas, tenancy, config, memory cache) needs no extra. A
 database needs a driver (`postgres` or `sqlite` extra); the Redis cache needs
-the `redis` extra.
+the `redis` extra; the FastAPI integration (`dotmac_core.asgi`) the `asgi` extra.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from .exceptions import MissingDependencyError
 __all__ = [
     "is_cache_available",
     "is_database_available",
+    "is_fastapi_available",
     "is_schemas_available",
     "require_cache",
     "require_database",
+    "require_fastapi",
     "require_schemas",
 ]
 
@@ -72,3 +74,15 @@ def require_cache() -> None:
     if not is_cache_available():
         package = "redis"
         raise MissingDependencyError(package, extra=package)
+
+
+def is_fastapi_available() -> bool:
+    """Return whether FastAPI is installed (the `asgi` extra)."""
+    return _installed("fastapi")
+
+
+def require_fastapi() -> None:
+    """Raise `MissingDependencyError` unless the `asgi` extra (FastAPI) is installed."""
+    if not is_fastapi_available():
+        package = "fastapi"
+        raise MissingDependencyError(package, extra="asgi")
