@@ -1,0 +1,1 @@
+"""A FastAPI service over two tenant tables: projects and their tasks."""
