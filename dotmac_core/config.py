@@ -103,14 +103,30 @@ class DatabaseConfig(_Settings):
     """Extra connections allowed above `pool_size` under load."""
     pool_timeout: float = Field(default=30.0, gt=0)
     """Seconds to wait for a free connection before `OperationTimeoutError`."""
+    connect_timeout: float = Field(default=10.0, gt=0)
+    """Seconds to open a PostgreSQL connection (TCP, TLS, startup, login)."""
     pool_recycle: float | None = Field(default=1800.0, gt=0)
     """Seconds after which a pooled connection is replaced; `None` never."""
     pool_pre_ping: bool = True
     """Ping a pooled PostgreSQL connection idle for over 2 s before use."""
     statement_timeout: float | None = Field(default=None, gt=0)
     """Server-side limit per statement in seconds (PostgreSQL `statement_timeout`)."""
-    command_timeout: float | None = Field(default=None, gt=0)
-    """Client-side limit per command in seconds (asyncpg `command_timeout`)."""
+    command_timeout: float | None = Field(default=300.0, gt=0)
+    """Client-side limit per command in seconds (asyncpg); `None`: no limit.
+
+    The last resort against a peer that keeps the connection open and never
+    answers (a hung server or middlebox), which no TCP setting can detect. It
+    is long so that reports and bulk writes do not meet it; set it per
+    `Database` (or `None`) for longer work, and prefer `statement_timeout`
+    for limiting queries."""
+    tcp_keepalive_timeout: float | None = Field(default=30.0, ge=2)
+    """Seconds of network silence after which a PostgreSQL connection is dead.
+
+    TCP keepalive probes start after half of it and are answered by a live
+    server's kernel even during a long query; when they, or data sent, go
+    unacknowledged for this long (`TCP_USER_TIMEOUT` on Linux), the kernel
+    closes the connection and its statement fails. `None`: the operating
+    system's settings (on Linux, no keepalive for 2 hours)."""
     sqlite_busy_timeout: float = Field(default=5.0, ge=0)
     """Seconds SQLite waits on a locked database before giving up."""
     echo: bool = False

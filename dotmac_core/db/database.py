@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
 from uuid import uuid4
@@ -100,6 +102,8 @@ class Database:
         else:
             install_liveness_check(self.engine, ping=config.pool_pre_ping)
             install_cancel_safe_terminate(self.engine)
+            if config.tcp_keepalive_timeout is not None:
+                _install_tcp_keepalive(self.engine, config.tcp_keepalive_timeout)
         if driver:
             install_sync_checkout(self.engine)
             register_driver(
@@ -213,12 +217,24 @@ def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
         server_settings["application_name"] = config.application_name
     if config.statement_timeout is not None:
         server_settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
-    # asyncpg waits 60 s for a server that accepts the TCP connection and then
-    # says nothing (a lost network path); a checkout is meant to wait at most
-    # `pool_timeout` for a connection, so opening one is bounded by it too.
+    # Three bounds, so that no call waits forever on a database that stopped
+    # answering, each for a failure the others cannot see:
+    # - `timeout` (connect_timeout): asyncpg waits 60 s by default for a
+    #   server that accepts the TCP connection and then says nothing.
+    # - TCP keepalive and TCP_USER_TIMEOUT (`_install_tcp_keepalive`): a
+    #   network path that drops packets. A live server's kernel answers the
+    #   probes even while a query runs for hours, so this never ends a long
+    #   query; it ends a statement whose server is gone within
+    #   `tcp_keepalive_timeout`. asyncpg has no keepalive options (libpq's
+    #   `keepalives_*` and `tcp_user_timeout`), and `server_settings` reach
+    #   the server, not the client's socket: they are set on the socket.
+    # - `command_timeout`: a peer that keeps the connection alive and never
+    #   replies (a hung server, a stalled proxy) looks like a long query to
+    #   every TCP mechanism; only a client-side limit ends it. Its default
+    #   is long (300 s) so that it is a last resort, not a query limit.
     connect_args: dict[str, Any] = {
         "server_settings": server_settings,
-        "timeout": config.pool_timeout,
+        "timeout": config.connect_timeout,
     }
     if config.command_timeout is not None:
         connect_args["command_timeout"] = config.command_timeout
@@ -234,6 +250,49 @@ def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
         "pool_pre_ping": False,
         "connect_args": connect_args,
     }
+
+
+def keepalive_options(seconds: float) -> list[tuple[int, int, int]]:
+    """The socket options that declare a connection dead after `seconds` of silence.
+
+    Probes start after half of it, then every sixth, three of them; sent
+    data unacknowledged for `seconds` also ends the connection (Linux's
+    `TCP_USER_TIMEOUT`, which bounds the probes as well). Options the
+    platform lacks are left out (`TCP_KEEPALIVE` is macOS's `TCP_KEEPIDLE`).
+    """
+    idle = max(1, int(seconds / 2))
+    interval = max(1, int((seconds - idle) / 3))
+    idle_name = "TCP_KEEPIDLE" if hasattr(socket, "TCP_KEEPIDLE") else "TCP_KEEPALIVE"
+    wanted = {
+        idle_name: idle,
+        "TCP_KEEPINTVL": interval,
+        "TCP_KEEPCNT": 3,
+        "TCP_USER_TIMEOUT": int(seconds * 1000),
+    }
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    options.extend(
+        (socket.IPPROTO_TCP, getattr(socket, name), value)
+        for name, value in wanted.items()
+        if hasattr(socket, name)
+    )
+    return options
+
+
+def _install_tcp_keepalive(engine: AsyncEngine, seconds: float) -> None:
+    """Set `keepalive_options(seconds)` on each new PostgreSQL TCP connection."""
+    options = keepalive_options(seconds)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        # asyncpg keeps its asyncio transport in `_transport` (no public
+        # accessor); test_faults.py checks the options reach the socket.
+        transport = getattr(dbapi_conn.driver_connection, "_transport", None)
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket: no network path to lose
+        for level, name, value in options:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, name, value)
 
 
 def _unique_statement_name() -> str:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -41,6 +43,7 @@ from dotmac_core import (
     transactional,
 )
 from dotmac_core.cache import create_cache_service
+from dotmac_core.db.database import keepalive_options
 from dotmac_core.ratelimit import close_rate_limiters
 
 from ..conftest import PG_URL, REDIS_URL
@@ -144,16 +147,19 @@ async def test_black_holed_database_fails_within_its_timeouts(
 ) -> None:
     """Through a black hole, connects and statements fail in time; none hangs.
 
-    `pool_timeout` bounds opening a connection, `command_timeout` a
-    statement on an open one. Once the path is back, calls work again.
+    `connect_timeout` bounds opening a connection (`pool_timeout` keeps its
+    30 s default: it is not what bounds a connect), `command_timeout` a
+    statement on an open one: the defaults' 10 s and 300 s, scaled down.
+    Once the path is back, calls work again.
     """
     config = DatabaseConfig(
         url=pg_proxy.url(PG_URL),
-        pool_timeout=1.0,
+        connect_timeout=1.0,
         command_timeout=1.0,
         pool_size=2,
         max_overflow=0,
     )
+    assert config.pool_timeout == 30.0
     async with Database(config) as db:
         tag = await Tags(db=db).create({"label": "reachable"})
         pg_proxy.black_hole()
@@ -178,6 +184,36 @@ async def test_black_holed_database_fails_within_its_timeouts(
         async with TransactionManager(db):
             assert await Tags().count() >= 1
         assert _checked_out(db) == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's TCP option names")
+@pytest.mark.parametrize("seconds", [30.0, 4.0, None])
+async def test_tcp_keepalive_reaches_every_connection(
+    pg_factory: PgFactory, seconds: float | None
+) -> None:
+    """Pooled connections carry the keepalive options; `None` leaves them off.
+
+    A black hole that drops packets cannot be made on loopback without
+    firewall rules (the proxy's kernel acknowledges everything), so this
+    shows the part the kernel then enforces: the options are on the socket.
+    """
+    db = await pg_factory(tcp_keepalive_timeout=seconds, pool_size=2)
+    async with db.engine.connect() as one, db.engine.connect() as two:
+        for conn in (one, two):
+            await conn.exec_driver_sql("SELECT 1")
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            sock = raw._transport.get_extra_info("socket")
+            on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            if seconds is None:
+                assert on == 0
+                continue
+            assert on == 1
+            expected = {n: v for _level, n, v in keepalive_options(seconds)[1:]}
+            assert expected[socket.TCP_KEEPIDLE] == int(seconds / 2)
+            assert expected[socket.TCP_USER_TIMEOUT] == seconds * 1000
+            for name, value in expected.items():
+                assert sock.getsockopt(socket.IPPROTO_TCP, name) == value
 
 
 # --- timeouts ------------------------------------------------------------------------

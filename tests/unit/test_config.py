@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from dotmac_core import CacheConfig, ConfigurationError, DatabaseConfig, SecurityConfig
+from dotmac_core.db.database import _pg_options
 
 
 def test_defaults_are_embedded() -> None:
@@ -135,3 +139,41 @@ def test_server_settings_imply_postgresql() -> None:
     assert str(config.sqlalchemy_url()) == "postgresql+asyncpg://localhost:5432/myapp"
     assert DatabaseConfig(database="file.db").dialect == "sqlite"
     assert DatabaseConfig(driver="sqlite", host="ignored").dialect == "sqlite"
+
+
+def _documented_defaults() -> dict[str, str]:
+    """`field: default` from the DatabaseConfig table of docs/configuration.md."""
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    section = page.read_text().split("## DatabaseConfig", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| `DOTMAC_DB_\w+` \| ([^|]+) \|", section, re.M)
+    return {name: default.strip().strip("`") for name, default in rows}
+
+
+@pytest.mark.parametrize(
+    ("field", "default"),
+    [
+        ("pool_timeout", 30.0),
+        ("connect_timeout", 10.0),
+        ("command_timeout", 300.0),
+        ("tcp_keepalive_timeout", 30.0),
+        ("statement_timeout", None),
+    ],
+)
+def test_database_timeouts_default_to_what_the_docs_say(
+    field: str, default: float | None
+) -> None:
+    """No database wait is unbounded at the defaults, and the docs give each bound."""
+    assert getattr(DatabaseConfig(), field) == default
+    assert _documented_defaults()[field] == str(default)
+
+
+def test_timeouts_reach_the_driver() -> None:
+    """connect_timeout and command_timeout become asyncpg's arguments; None is none."""
+    options = _pg_options(DatabaseConfig(url="postgresql://u@h/db"))
+    assert options["connect_args"]["timeout"] == 10.0
+    assert options["connect_args"]["command_timeout"] == 300.0
+    config = DatabaseConfig(url="postgresql://u@h/db", command_timeout=None)
+    assert "command_timeout" not in _pg_options(config)["connect_args"]
+    with pytest.raises(ConfigurationError, match="tcp_keepalive_timeout") as info:
+        DatabaseConfig(tcp_keepalive_timeout=1)  # TCP_KEEPIDLE counts whole seconds
+    assert info.value.field == "tcp_keepalive_timeout"
