@@ -1,14 +1,14 @@
 """The failure policy against real sockets: a dead port, a hung listener, an outage.
 
-Faults come from sockets this module opens itself: a port nobody listens on,
-a listener that accepts and never answers, and a TCP relay to the real Redis
-that can be switched off and on again (`Relay`).
+Faults come from a port nobody listens on and from `tests/faults.py`'s
+`FaultProxy` in front of the real Redis: black-holed (accepts and never
+answers), stopped and started again, slowed down, reset, or cut after a
+number of bytes of a request or a reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +25,8 @@ from dotmac_core.cache import (
     cached,
     create_cache_service,
 )
+
+from ..faults import FaultProxy
 
 pytestmark = pytest.mark.redis
 
@@ -45,96 +47,12 @@ def dead_url() -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-class Relay:
-    """A TCP relay to a real server: `up()`, `down()` (refuse) or `hang()`."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.port = 0
-        self.accepted = 0
-        self.delay = 0.0
-        self._hang = False
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        """The relay's `redis://` URL."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def up(self) -> None:
-        """Listen (again, on the same port) and forward to the server."""
-        await self._drop()
-        self._hang = False
-        self._server = await asyncio.start_server(
-            self._accept, "127.0.0.1", self.port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def hang(self) -> None:
-        """Accept connections but never answer (a hung server)."""
-        await self._drop()
-        self._hang = True
-        self._server = await asyncio.start_server(
-            self._accept, "127.0.0.1", self.port, reuse_address=True
-        )
-
-    async def down(self) -> None:
-        """Stop listening and cut every connection (a dead server)."""
-        await self._drop()
-
-    async def _drop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in list(self._writers):
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        self._writers.clear()
-
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.accepted += 1
-        self._writers.add(writer)
-        if self._hang:
-            return  # keep the socket open, never read or write
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self._writers.add(up_writer)
-        self._spawn(self._pipe(reader, up_writer, 0.0))
-        self._spawn(self._pipe(up_reader, writer, self.delay))
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
-    ) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                if delay:
-                    await asyncio.sleep(delay)
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-
 @pytest.fixture
-async def relay(redis_url: str) -> AsyncIterator[Relay]:
-    """A relay in front of the shared Redis server, up at the start."""
+async def proxy(redis_url: str) -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of the shared Redis server, passing through."""
     parts = urlsplit(redis_url)
-    proxy = Relay(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.up()
-    yield proxy
-    await proxy.down()
+    async with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as fault:
+        yield fault
 
 
 @pytest.fixture
@@ -180,33 +98,39 @@ async def test_dead_port_fails_open_fast(
 
 
 async def test_hung_server_opens_the_circuit(
-    relay: Relay, redis_prefix: str, cache_log: pytest.LogCaptureFixture
+    proxy: FaultProxy,
+    redis_url: str,
+    redis_prefix: str,
+    cache_log: pytest.LogCaptureFixture,
 ) -> None:
     """A hung server costs a socket timeout per call until the circuit opens."""
-    await relay.hang()
-    cache = _service(relay.url, redis_prefix, circuit_breaker_reset=60)
+    proxy.black_hole()
+    cache = _service(proxy.url(redis_url), redis_prefix, circuit_breaker_reset=60)
     for _ in range(10):
         with anyio.fail_after(1):
             assert await cache.get("k", "miss") == "miss"
-    assert relay.accepted == FAST["circuit_breaker_threshold"]
+    assert proxy.accepted == FAST["circuit_breaker_threshold"]
     assert len(_warnings(cache_log)) == 1
     await cache.aclose()
 
 
 async def test_cache_heals_when_redis_returns(
-    relay: Relay, redis_prefix: str, cache_log: pytest.LogCaptureFixture
+    proxy: FaultProxy,
+    redis_url: str,
+    redis_prefix: str,
+    cache_log: pytest.LogCaptureFixture,
 ) -> None:
     """Down: misses and no-ops; back up: the breaker probes and caching resumes."""
-    cache = _service(relay.url, redis_prefix)
+    cache = _service(proxy.url(redis_url), redis_prefix)
     await cache.set("k", "before")
     assert await cache.get("k") == "before"
 
-    await relay.down()
+    await proxy.stop()
     for _ in range(5):
         assert await cache.get("k", "miss") == "miss"
         await cache.set("k", "during")  # skipped
 
-    await relay.up()
+    await proxy.start()
     await asyncio.sleep(FAST["circuit_breaker_reset"] + 0.1)
     assert await cache.get("k") == "before"  # the server kept it; the write was skipped
     await cache.set("k", "after")
@@ -261,11 +185,11 @@ async def test_unreachable_cluster_fails_open(
 
 
 async def test_cancelled_reads_leave_the_pool_consistent(
-    relay: Relay, redis_prefix: str
+    proxy: FaultProxy, redis_url: str, redis_prefix: str
 ) -> None:
     """Reads cancelled between request and reply never hand a reply to another."""
     cache = _service(
-        relay.url,
+        proxy.url(redis_url),
         redis_prefix,
         socket_timeout=5,
         socket_connect_timeout=5,
@@ -273,8 +197,7 @@ async def test_cancelled_reads_leave_the_pool_consistent(
     )
     values = {f"k{i}": i for i in range(40)}
     await cache.set_many(values)
-    relay.delay = 0.02
-    await relay.up()  # new connections are slow to answer
+    proxy.delay(0.02)  # every connection is slow to answer
     tasks = [asyncio.create_task(cache.get(k)) for k in values]
     await asyncio.sleep(0.01)  # requests sent, replies not yet back
     for task in tasks[::2]:
@@ -283,7 +206,7 @@ async def test_cancelled_reads_leave_the_pool_consistent(
     for key, result in zip(values, results, strict=True):
         if not isinstance(result, asyncio.CancelledError):
             assert result == values[key]
-    relay.delay = 0.0
+    proxy.pass_through()
     for key, value in values.items():
         assert await cache.get(key) == value
     await cache.aclose()
@@ -318,17 +241,17 @@ async def test_every_operation_fails_open(
 
 
 async def test_failed_lock_release_does_not_fail_the_call(
-    relay: Relay, redis_prefix: str
+    proxy: FaultProxy, redis_url: str, redis_prefix: str
 ) -> None:
     """If Redis goes away while the lock holder computes, the call still answers."""
-    cache = _service(relay.url, redis_prefix)
+    cache = _service(proxy.url(redis_url), redis_prefix)
 
     async def build() -> str:
-        await relay.down()  # the store and the lock release will fail
+        await proxy.stop()  # the store and the lock release will fail
         return "value"
 
     assert await cache.get_or_set("k", build, lock=True) == "value"
-    await relay.up()
+    await proxy.start()
     await asyncio.sleep(FAST["circuit_breaker_reset"] + 0.1)
     # The lock expires by itself; until then waiters compute without it.
     assert await cache.get("k") is None
@@ -346,11 +269,13 @@ async def test_a_burst_waits_for_a_free_connection(
 
 
 async def test_waiting_for_a_connection_is_bounded(
-    relay: Relay, redis_prefix: str
+    proxy: FaultProxy, redis_url: str, redis_prefix: str
 ) -> None:
     """Behind a hung server holding every connection, callers wait briefly."""
-    await relay.hang()
-    cache = _service(relay.url, redis_prefix, max_connections=1, socket_timeout=1)
+    proxy.black_hole()
+    cache = _service(
+        proxy.url(redis_url), redis_prefix, max_connections=1, socket_timeout=1
+    )
     first = asyncio.create_task(cache.get("k", "miss"))
     await asyncio.sleep(0.05)  # it holds the only connection for a second
     with anyio.fail_after(0.5):
