@@ -64,6 +64,8 @@ def alembic_config(url: str, versions: Path) -> Config:
     """What alembic.ini says, built in code: the shipped env.py, our versions."""
     config = Config()
     config.set_main_option("script_location", "dotmac_core.migrations:template")
+    # Split version_locations on os.pathsep (Alembic 1.16+ asks for it).
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(versions))
     config.set_main_option("sqlalchemy.url", url)
     return config
