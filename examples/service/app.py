@@ -5,9 +5,9 @@ Run it with any ASGI server, for example `uvicorn examples.service.app:app`;
 """
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import StreamingResponse
@@ -51,6 +51,7 @@ def _missing(project_id: uuid.UUID) -> NotFoundError:
 # --- the cached read ----------------------------------------------------------
 
 
+# --8<-- [start:cached]
 @cached(ttl=60, key="project:{project_id}", tenant=True)
 async def project_detail(project_id: uuid.UUID) -> ProjectDetail:
     """Read a project and its task counts; cached per tenant for a minute."""
@@ -71,9 +72,13 @@ async def get_project(project_id: uuid.UUID) -> ProjectDetail:
     return await project_detail(project_id)
 
 
+# --8<-- [end:cached]
+
+
 # --- CRUD -----------------------------------------------------------------------
 
 
+# --8<-- [start:crud]
 @router.post("/projects", status_code=201, response_model=ProjectRead)
 async def create_project(data: ProjectCreate) -> Project:
     """Create a project and its first tasks: all of them, or none."""
@@ -102,9 +107,13 @@ async def delete_project(project_id: uuid.UUID) -> None:
     await project_detail.invalidate(project_id)
 
 
+# --8<-- [end:crud]
+
+
 # --- pages ------------------------------------------------------------------------
 
 
+# --8<-- [start:pages]
 @router.get("/projects", response_model=PaginationResult[ProjectRead])
 async def list_projects(
     params: Annotated[PaginationParams, Query()],
@@ -125,6 +134,10 @@ async def list_tasks(
     )
 
 
+# --8<-- [end:pages]
+
+
+# --8<-- [start:export]
 @router.get("/export")
 async def export_tasks() -> StreamingResponse:
     """Every task of the tenant as NDJSON, read page by page while streaming."""
@@ -143,9 +156,13 @@ async def export_tasks() -> StreamingResponse:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
+# --8<-- [end:export]
+
+
 # --- units of work ----------------------------------------------------------------
 
 
+# --8<-- [start:uow]
 @router.post("/projects/{project_id}/tasks", status_code=201, response_model=TaskRead)
 async def add_task(project_id: uuid.UUID, data: TaskCreate) -> Task:
     """Add a task to an open project of the tenant."""
@@ -176,9 +193,13 @@ async def close_project(project_id: uuid.UUID) -> ProjectDetail:
     return await project_detail(project_id)
 
 
+# --8<-- [end:uow]
+
+
 # --- the app ------------------------------------------------------------------------
 
 
+# --8<-- [start:app]
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database (`DOTMAC_DB_*` settings) and the cache for the app's life."""
@@ -189,13 +210,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
-def create_app() -> FastAPI:
-    """Build the app: errors as problem details, one tenant per request."""
+def create_app(resolver: Callable[..., Any] | None = None) -> FastAPI:
+    """Build the app: errors as problem details, one tenant per request.
+
+    Args:
+        resolver: Where the tenant comes from; the `X-Tenant-ID` header by default.
+    """
     app = FastAPI(title="Projects", lifespan=lifespan)
     install_exception_handlers(app)
-    app.add_middleware(TenantMiddleware)  # X-Tenant-ID; /docs needs none
+    # Every request but /docs, /redoc and /openapi.json runs in its tenant.
+    app.add_middleware(TenantMiddleware, resolver=resolver)
     app.include_router(router)
     return app
 
 
 app = create_app()
+# --8<-- [end:app]
