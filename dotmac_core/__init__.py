@@ -100,6 +100,9 @@ from .tenancy import require_current_tenant as require_current_tenant
 from .tenancy import reset_current_tenant as reset_current_tenant
 from .tenancy import set_current_tenant as set_current_tenant
 from .tenancy import tenant_scope as tenant_scope
+from .tracing import instrument as instrument
+from .tracing import is_instrumented as is_instrumented
+from .tracing import uninstrument as uninstrument
 from .types import UTCDateTime as UTCDateTime
 
 __version__ = "0.1.0"
@@ -176,9 +179,11 @@ __all__ = [
     "get_database",
     "get_tenant_context",
     "install_exception_handlers",
+    "instrument",
     "is_cache_available",
     "is_database_available",
     "is_fastapi_available",
+    "is_instrumented",
     "is_schemas_available",
     "is_scoping_bypassed",
     "is_transient",
@@ -203,4 +208,5 @@ __all__ = [
     "timeout",
     "transactional",
     "translate_errors",
+    "uninstrument",
 ]
