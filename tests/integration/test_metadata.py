@@ -148,6 +148,16 @@ async def test_link_to_a_missing_row_is_refused(repo_db: Database) -> None:
         await Links().create({"hero_id": uuid.uuid4(), "team_id": team.id})
 
 
+async def test_deleting_a_side_deletes_its_links(repo_db: Database) -> None:
+    """A hero deleted through its repository takes its link rows with it."""
+    hero = await Heroes().create({"name": "Gone"})
+    team = await Teams().create({"name": "stays"})
+    await Links().create({"hero_id": hero.id, "team_id": team.id})
+    assert await Heroes().delete(hero.id)
+    assert await Links().count() == 0
+    assert await Teams().count() == 1
+
+
 #: A link table declared on `SQLModel`, as the SQLModel tutorial does, in a
 #: process of its own (its broken table must not reach this suite's metadata).
 CROSSED = """
