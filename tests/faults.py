@@ -7,9 +7,10 @@ itself:
   PostgreSQL or Redis. Point a client at `proxy.url(real_url)` and switch
   the proxy at runtime: `pass_through()`, `delay(seconds)` (each chunk held
   back), `black_hole()` (reads, never answers, never closes), `reset()` (RST
-  on every connection) and `cut_after(n)` (RST once `n` more client bytes
-  went through). `stop()` refuses new connections and closes every open one;
-  `start()` listens again on the same port (a restart).
+  on every connection) and `cut_after(n, of="request" | "reply")` (RST once
+  `n` more bytes of requests, or of replies, went through). `stop()`
+  refuses new connections and closes every open one; `start()` listens
+  again on the same port (a restart).
 - `kill_backends(url)`: `pg_terminate_backend` on every other backend of the
   URL's PostgreSQL database; returns how many were killed.
 - `fail_nth(db, n, on="execute" | "commit")`: makes the `n`-th statement (or
@@ -56,7 +57,7 @@ class Mode(enum.Enum):
     RESET = "reset"
     """Abort every connection with a TCP RST (a crashed peer)."""
     CUT = "cut"
-    """Forward `cut_after(n)` more client bytes, then RST that connection."""
+    """Forward `cut_after(n)` more bytes one way, then RST that connection."""
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -107,6 +108,9 @@ class FaultProxy:
         #: Chunks read from clients since the start (forwarded or swallowed).
         self.requests = 0
         self._cut_budget = 0
+        self._cut_replies = False
+        #: Connections cut by `cut_after` since the start.
+        self.cuts = 0
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._forwarded = asyncio.Event()
@@ -175,12 +179,21 @@ class FaultProxy:
             self._discard(link)
             link.abort()
 
-    def cut_after(self, n_bytes: int) -> None:
-        """Forward `n_bytes` more client bytes, then RST that connection, once.
+    def cut_after(
+        self, n_bytes: int, *, of: Literal["request", "reply"] = "request"
+    ) -> None:
+        """Forward `n_bytes` more bytes one way, then RST that connection, once.
 
-        The proxy passes everything through again after the cut.
+        `of="request"` counts the bytes clients send (a request cut short);
+        `of="reply"` those the server sends back (a reply cut short, the
+        connection reset mid-reply). The proxy passes everything through
+        again after the cut.
         """
+        if n_bytes < 0:
+            msg = f"n_bytes must be 0 or more, got {n_bytes}"
+            raise ValueError(msg)
         self._cut_budget = n_bytes
+        self._cut_replies = of == "reply"
         self.mode = Mode.CUT
 
     async def wait_forwarded(self) -> None:
@@ -238,11 +251,14 @@ class FaultProxy:
                     break
                 if mode is Mode.DELAY:
                     await asyncio.sleep(self.delay_seconds)
-                if mode is Mode.CUT and from_client:
+                if mode is Mode.CUT and from_client != self._cut_replies:
                     if len(data) >= self._cut_budget:
                         target.write(data[: self._cut_budget])
+                        with contextlib.suppress(OSError):
+                            await target.drain()  # the part before the cut arrives
                         self._cut_budget = 0
                         self.mode = Mode.PASS
+                        self.cuts += 1
                         break
                     self._cut_budget -= len(data)
                 target.write(data)

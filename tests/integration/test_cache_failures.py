@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -283,4 +284,62 @@ async def test_waiting_for_a_connection_is_bounded(
     assert queued == ["miss"] * 4
     assert not first.done()
     assert await first == "miss"
+    await cache.aclose()
+
+
+@pytest.mark.parametrize("n_bytes", [0, 10, 1000, 100_000])
+@pytest.mark.parametrize("side", ["request", "reply"])
+async def test_connection_cut_mid_message_is_retried_whole(
+    proxy: FaultProxy,
+    redis_url: str,
+    redis_prefix: str,
+    side: Literal["request", "reply"],
+    n_bytes: int,
+) -> None:
+    """A GET or SET whose connection is reset part-way is sent once more, whole.
+
+    Never a truncated value, never another command's reply: the pooled
+    connection is dropped, the command resent on a new one (both are
+    idempotent), and nothing fails open.
+    """
+    cache = _service(proxy.url(redis_url), redis_prefix, fail_open=False)
+    old, new = "o" * 200_000, "n" * 200_000
+    await cache.set_many({"big": old, "small": "s"})
+    cuts = proxy.cuts
+    proxy.cut_after(n_bytes, of=side)
+    if side == "reply":
+        assert await cache.get("big") == old
+    else:
+        await cache.set("big", new)
+    assert proxy.cuts == cuts + 1
+    assert await cache.get("small") == "s"
+    assert await cache.get("big") == (old if side == "reply" else new)
+    assert cache.fail_opens.count == 0
+    await cache.aclose()
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_connections_reset(
+    proxy: FaultProxy, redis_url: str, redis_prefix: str, fail_open: bool
+) -> None:
+    """Every connection reset, new ones too: a counted miss, or CacheUnavailableError.
+
+    Once Redis is reachable again the same service reads its values.
+    """
+    cache = _service(proxy.url(redis_url), redis_prefix, fail_open=fail_open)
+    await cache.set("k", "v")
+    proxy.reset()
+    with anyio.fail_after(1):  # a reset fails at once, no timeout is waited for
+        if fail_open:
+            assert await cache.get("k", "miss") == "miss"
+            await cache.set("k", "during")  # skipped
+            assert cache.fail_opens.count == 2
+        else:
+            for call in (lambda: cache.get("k"), lambda: cache.set("k", "during")):
+                with pytest.raises(CacheUnavailableError) as info:
+                    await call()
+                assert isinstance(info.value.__cause__, Exception)
+    proxy.pass_through()
+    await asyncio.sleep(FAST["circuit_breaker_reset"] + 0.1)  # the breaker's reset
+    assert await cache.get("k") == "v"
     await cache.aclose()

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -214,6 +214,89 @@ async def test_tcp_keepalive_reaches_every_connection(
             assert expected[socket.TCP_USER_TIMEOUT] == seconds * 1000
             for name, value in expected.items():
                 assert sock.getsockopt(socket.IPPROTO_TCP, name) == value
+
+
+# --- connections reset or cut mid-message -------------------------------------------
+
+
+async def _proxied(proxy: FaultProxy) -> Database:
+    """A small pool reaching the test database through `proxy`."""
+    config = DatabaseConfig(
+        url=proxy.url(PG_URL),
+        connect_timeout=5.0,
+        command_timeout=5.0,
+        pool_size=2,
+        max_overflow=0,
+    )
+    return Database(config)
+
+
+@POSTGRES
+@pytest.mark.usefixtures("repo_db")
+@pytest.mark.parametrize("side", ["request", "reply"])
+@pytest.mark.parametrize("n_bytes", [0, 40])
+async def test_connection_cut_mid_message(
+    pg_proxy: FaultProxy, side: Literal["request", "reply"], n_bytes: int
+) -> None:
+    """A connection reset part-way through a request or its reply.
+
+    A one-statement read is sent again on a new connection and returns every
+    row; a write, alone or in a transaction, raises DatabaseConnectionError
+    (transient) and is not resent, so it is written at most once. The pool
+    holds nothing afterwards and the next calls work.
+    """
+    async with await _proxied(pg_proxy) as db:
+        await Tags(db=db).create_many([{"label": f"t{i}"} for i in range(200)])
+        cuts = pg_proxy.cuts
+        pg_proxy.cut_after(n_bytes, of=side)
+        assert len(await Tags(db=db).list(limit=500)) == 200
+        assert pg_proxy.cuts == cuts + 1
+        pg_proxy.cut_after(n_bytes, of=side)
+        with pytest.raises(DatabaseConnectionError) as info:
+            await Tags(db=db).create({"label": "cut"})
+        assert info.value.transient
+        assert pg_proxy.cuts == cuts + 2
+        assert await Tags(db=db).count({"label": "cut"}) <= 1
+        with pytest.raises(DatabaseConnectionError):
+            async with TransactionManager(db):
+                await Tags().create({"label": "in block"})
+                pg_proxy.cut_after(n_bytes, of=side)
+                await Tags().create({"label": "cut in block"})
+        assert await Tags(db=db).count({"label__like": "%in block"}) == 0
+        assert _checked_out(db) == 0
+        assert await Tags(db=db).create({"label": "after"})
+        assert await Tags(db=db).count() >= 201
+
+
+@POSTGRES
+@pytest.mark.usefixtures("repo_db")
+async def test_connections_reset(pg_proxy: FaultProxy) -> None:
+    """Every connection reset, new ones too: a quick DatabaseConnectionError.
+
+    Inside a transaction and outside it, calls fail at once (no timeout is
+    waited for); once connections are accepted again the same pool works.
+    """
+    async with await _proxied(pg_proxy) as db:
+        await Tags(db=db).create({"label": "before"})
+        with anyio.fail_after(_bound(1.0)):
+            with pytest.raises(DatabaseConnectionError):
+                async with TransactionManager(db):
+                    assert await Tags().count() == 1
+                    pg_proxy.reset()
+                    await Tags().create({"label": "lost"})
+            for call in (
+                lambda: Tags(db=db).count(),
+                lambda: Tags(db=db).create({"label": "refused"}),
+                db.ping,
+            ):
+                with pytest.raises(DatabaseConnectionError):
+                    await call()
+        assert _checked_out(db) == 0
+        pg_proxy.pass_through()
+        assert await Tags(db=db).count() == 1
+        async with TransactionManager(db):
+            assert await Tags().create({"label": "after"})
+        assert await Tags(db=db).count() == 2
 
 
 # --- timeouts ------------------------------------------------------------------------
