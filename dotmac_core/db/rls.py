@@ -239,9 +239,11 @@ def enable_row_level_security(db: Database) -> None:
     A listener on the engine's `begin` runs `set_config('dotmac.tenant_id',
     <tenant>, true)` as the transaction's first statement, so everything in
     the transaction (ORM, `text()`, the session's raw connection) runs under
-    the policies of `row_level_security_ddl()` for that tenant. Calls outside
-    a transaction then run in a short transaction of their own instead of in
-    autocommit (one more round trip each). Calling it again does nothing.
+    the policies of `row_level_security_ddl()` for that tenant: one more
+    round trip per transaction. Calls outside a transaction then run in a
+    short transaction of their own instead of as one autocommit statement
+    (BEGIN, the setting, the statement, ROLLBACK: four round trips, not one).
+    Calling it again does nothing.
 
     Without a tenant nothing is set and tenant tables show no rows; under
     `tenant_scope(None, bypass=True)` a transaction is refused with
