@@ -31,6 +31,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     TypeDecorator,
     inspect,
     text,
@@ -58,6 +59,7 @@ from dotmac_core.migrations import (
     TEMPLATE_DIR,
     context_options,
     database_config,
+    process_revision_directives,
     render_item,
     target_metadata,
 )
@@ -156,9 +158,12 @@ def test_render_item_leaves_the_rest_to_alembic() -> None:
     """SQLAlchemy's types, variants and anything but a type render as Alembic does."""
     context = _context()
     assert render_item("type", Integer(), context) is False
-    assert render_item(
-        "type", String(5).with_variant(Integer(), "sqlite"), context
-    ) is (False)
+    variant = String(5).with_variant(Integer(), "sqlite")
+    assert render_item("type", variant, context) is False
+    script_type = type(
+        "ScriptType", (TypeDecorator,), {"impl": String(), "__module__": "__main__"}
+    )
+    assert render_item("type", script_type(), context) is False
     assert render_item("column", AlHero.__table__.c.code_name, context) is False
     assert context.imports == set()
 
@@ -192,8 +197,15 @@ def test_type_module_is_public_without_the_hook() -> None:
 
 
 def test_target_metadata_default_and_option() -> None:
-    """The toolkit's metadata by default; `dotmac_metadata` names another."""
+    """The toolkit's metadata, and SQLModel's with tables; or `dotmac_metadata`."""
     assert target_metadata()[0] is dotmac_core.DBBaseModel.metadata
+    plain = Table(
+        "al_plain", SQLModel.metadata, Column("id", Integer, primary_key=True)
+    )
+    try:
+        assert target_metadata()[1:] == [SQLModel.metadata]
+    finally:
+        SQLModel.metadata.remove(plain)
     config = Config()
     config.set_main_option("dotmac_metadata", f"{__name__}:METADATA")
     assert target_metadata(config) == [METADATA]
@@ -360,6 +372,40 @@ def test_offline_sql(pg_migrations_url: str, tmp_path: Path) -> None:
     sql = config.output_buffer.getvalue()  # type: ignore[union-attr]
     assert sql.index("CREATE TYPE level") < sql.index("CREATE TABLE al_hero")
     assert "CONSTRAINT pk_al_membership PRIMARY KEY (hero_id, team_id)" in sql
+
+
+def _enum_drops(connection: Connection) -> list[str]:
+    """The enum drops `process_revision_directives` adds for creating `al_hero`."""
+    upgrade = ops.UpgradeOps([ops.CreateTableOp.from_table(AlHero.__table__)])
+    script = ops.MigrationScript("rev", upgrade, upgrade.reverse())
+    context = MigrationContext.configure(connection)
+    process_revision_directives(context, None, [script, "not a script"])
+    return [
+        op.sqltext
+        for op in script.downgrade_ops.ops
+        if isinstance(op, ops.ExecuteSQLOp)
+    ]
+
+
+@pytest.mark.postgres
+def test_enum_drop_only_for_types_the_migration_makes(pg_migrations_url: str) -> None:
+    """A type that exists when the migration is generated is not dropped by it."""
+    assert _on(pg_migrations_url, _enum_drops) == ["DROP TYPE IF EXISTS level"]
+
+    def with_type(connection: Connection) -> list[str]:
+        connection.execute(text("CREATE TYPE level AS ENUM ('LOW', 'HIGH')"))
+        return _enum_drops(connection)
+
+    assert _on(pg_migrations_url, with_type) == []
+
+
+def test_enum_drop_is_postgres_only() -> None:
+    """On SQLite an enum is a string column: there is no type to drop."""
+    upgrade = ops.UpgradeOps([ops.CreateTableOp.from_table(AlHero.__table__)])
+    script = ops.MigrationScript("rev", upgrade, upgrade.reverse())
+    context = MigrationContext.configure(dialect_name="sqlite")
+    process_revision_directives(context, None, [script])
+    assert not any(isinstance(op, ops.ExecuteSQLOp) for op in script.downgrade_ops.ops)
 
 
 def test_template_is_shipped_beside_the_module() -> None:

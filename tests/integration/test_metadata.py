@@ -10,18 +10,20 @@ import textwrap
 import uuid
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import Column, ForeignKey, Integer, Table, Uuid, inspect
 from sqlmodel import Field, Relationship, SQLModel
 
 from dotmac_core import (
     AlreadyExistsError,
     AsyncRepository,
+    ConfigurationError,
     Database,
     DBBaseModel,
     IntegrityConstraintError,
     PlainModel,
     TransactionManager,
 )
+from dotmac_core.db.models import check_metadata_links
 
 
 class MdHeroTeam(PlainModel, table=True):
@@ -156,6 +158,49 @@ async def test_deleting_a_side_deletes_its_links(repo_db: Database) -> None:
     assert await Heroes().delete(hero.id)
     assert await Links().count() == 0
     assert await Teams().count() == 1
+
+
+@pytest.mark.parametrize("direction", ["from SQLModel", "to SQLModel"])
+def test_foreign_key_across_metadata_is_refused(direction: str) -> None:
+    """Either direction is refused with the table to move; a Column object is not."""
+    plain = Table(
+        "md_loose", SQLModel.metadata, Column("id", Integer, primary_key=True)
+    )
+    if direction == "from SQLModel":
+        crossing = Column("hero_id", Uuid, ForeignKey("md_hero.id"))
+        plain.append_column(crossing)
+        source, moved = plain, "md_loose"
+    else:
+        source = Table(
+            "md_pointing",
+            DBBaseModel.metadata,
+            Column("id", Integer, primary_key=True),
+            Column("loose_id", Integer, ForeignKey("md_loose.id")),
+        )
+        moved = "md_loose"
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            check_metadata_links()
+        assert f"base the class of table {moved!r}" in str(caught.value)
+        assert source.name in str(caught.value)
+    finally:
+        for table in (plain, source):
+            table.metadata.remove(table)
+    check_metadata_links()  # the suite's own tables pass
+
+
+def test_foreign_key_given_a_column_object_is_left_alone() -> None:
+    """A `ForeignKey(column)` resolves through that column: nothing to refuse."""
+    plain = Table(
+        "md_by_column",
+        SQLModel.metadata,
+        Column("id", Integer, primary_key=True),
+        Column("hero_id", Uuid, ForeignKey(MdHero.__table__.c.id)),
+    )
+    try:
+        check_metadata_links()
+    finally:
+        SQLModel.metadata.remove(plain)
 
 
 #: A link table declared on `SQLModel`, as the SQLModel tutorial does, in a
