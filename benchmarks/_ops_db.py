@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Integer, bindparam, func, insert, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 
 from dotmac_core import tenant_scope
 
 from ._harness import Operation, Run, loop, spread_over_tasks
 from ._raw import AsyncpgDriver
 from ._setup import (
-    DEEP_OFFSET,
     PAGE_ROWS,
     PAGE_SIZE,
     TASKS,
@@ -38,6 +38,7 @@ from ._setup import (
     TENANT_PAGE,
     TENANT_WRITE,
     Bench,
+    BenchBulkItem,
     BulkItems,
     Items,
     bulk_table,
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.sql import Executable
 
-__all__ = ["DB_OPERATIONS", "INSERT_COLUMNS", "bulk_items", "scoped"]
+__all__ = ["DB_OPERATIONS", "INSERT_COLUMNS", "PAGES", "bulk_items", "scoped"]
 
 #: Columns an insert names: the nullable audit and soft-delete ones stay NULL.
 INSERT_COLUMNS = (
@@ -357,6 +358,23 @@ async def bulk_insert(bench: Bench) -> Operation:
             async with engine.begin() as conn:
                 await conn.execute(_CORE.bulk, params)
 
+    async def orm_run(n: int) -> None:
+        for _ in range(n):
+            now = datetime.now(UTC)
+            params = [
+                {
+                    "id": uuid.uuid4(),
+                    "created_at": now,
+                    "updated_at": now,
+                    "tenant_id": TENANT_BULK,
+                    **item,
+                }
+                for item in items
+            ]
+            async with SAAsyncSession(engine) as session:
+                await session.execute(insert(BenchBulkItem), params)
+                await session.commit()
+
     async def dotmac_run(n: int) -> None:
         for _ in range(n):
             await repo.create_many(items)
@@ -365,6 +383,8 @@ async def bulk_insert(bench: Bench) -> Operation:
     what = {
         "raw": "`executemany` in one transaction (aiosqlite: BEGIN ... COMMIT)",
         "core": "`conn.execute(insert(table), rows)` in `engine.begin()`",
+        "orm": "`session.execute(insert(Model), rows)` + `commit()` (ORM bulk "
+        "INSERT, SQLAlchemy's own way for a list of dicts)",
         "dotmac": "`BulkItems().create_many(items)`: COPY in autocommit "
         "(PostgreSQL), executemany in a transaction (SQLite)",
     }
@@ -377,7 +397,7 @@ async def bulk_insert(bench: Bench) -> Operation:
 
         runs["raw_copy"] = copy_run
         what["raw_copy"] = "`copy_records_to_table` in one transaction"
-    runs |= {"core": core_run, "dotmac": dotmac_run}
+    runs |= {"core": core_run, "orm": orm_run, "dotmac": dotmac_run}
 
     async def empty() -> None:
         await raw.empty(bulk_table().name)
@@ -489,16 +509,17 @@ async def page_no_total(bench: Bench) -> Operation:
 
 
 async def offset_deep(bench: Bench) -> Operation:
-    """The offset page at row 50,000 of the 58,000-row tenant, without total."""
+    """The offset page deep in the deep tenant (row 50,000 of 58,000), no total."""
     raw, sql, engine = bench.raw, _raw_sql(bench), bench.db.engine
     repo = Items(db=bench.db)
-    page = DEEP_OFFSET // PAGE_SIZE + 1
+    deep, rows = bench.sizes.deep_offset, bench.sizes.deep_rows
+    page = deep // PAGE_SIZE + 1
 
     async def raw_call(_: int) -> None:
-        await raw.fetch(sql.page, TENANT_DEEP, PAGE_SIZE + 1, DEEP_OFFSET)
+        await raw.fetch(sql.page, TENANT_DEEP, PAGE_SIZE + 1, deep)
 
     async def core_call(_: int) -> None:
-        params = {"tenant": TENANT_DEEP, "limit": PAGE_SIZE + 1, "offset": DEEP_OFFSET}
+        params = {"tenant": TENANT_DEEP, "limit": PAGE_SIZE + 1, "offset": deep}
         async with engine.connect() as conn:
             (await conn.execute(_CORE.page, params)).all()
 
@@ -507,13 +528,13 @@ async def offset_deep(bench: Bench) -> Operation:
 
     return _page_op(
         key="offset_deep",
-        title="offset page at 50,000, 58,000-row tenant",
+        title=f"offset page at {deep:,}, {rows:,}-row tenant",
         tenant=TENANT_DEEP,
         raw_call=raw_call,
         core_call=core_call,
         dotmac_call=dotmac_call,
         what={
-            "raw": "`OFFSET 50000 LIMIT 51` on a held connection",
+            "raw": f"`OFFSET {deep} LIMIT 51` on a held connection",
             "core": _WHAT_CORE_READ,
             "dotmac": f"`Items().list_paginated(page={page}, size=50, "
             "with_total=False)`",
@@ -522,7 +543,7 @@ async def offset_deep(bench: Bench) -> Operation:
 
 
 async def keyset_deep(bench: Bench) -> Operation:
-    """The keyset page after row 49,999 of the 58,000-row tenant: the same 50 rows."""
+    """The keyset page at the deep offset of the deep tenant: the same 50 rows."""
     raw, sql, engine = bench.raw, _raw_sql(bench), bench.db.engine
     repo = Items(db=bench.db, security=bench.security)
     at, last = bench.deep_after
@@ -547,7 +568,7 @@ async def keyset_deep(bench: Bench) -> Operation:
 
     return _page_op(
         key="keyset_deep",
-        title="keyset page deep in a 58,000-row tenant",
+        title=f"keyset page deep in a {bench.sizes.deep_rows:,}-row tenant",
         tenant=TENANT_DEEP,
         raw_call=raw_call,
         core_call=core_call,

@@ -24,17 +24,19 @@ from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelSession
 from ._harness import Operation, loop, spread_over_tasks
 from ._ops_db import bulk_items, scoped
 from ._setup import (
-    DEEP_OFFSET,
+    MEMBER_PAGE_ROWS,
     PAGE_ROWS,
     PAGE_SIZE,
     TASKS,
     TENANT_BULK,
     TENANT_DEEP,
+    TENANT_MEMBER,
     TENANT_PAGE,
     TENANT_WRITE,
     Bench,
     BenchBulkItem,
     BenchItem,
+    BenchMember,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["PEERS", "add_peers", "peer_versions"]
 
 PAGES = PAGE_ROWS // PAGE_SIZE
+MEMBER_PAGES = MEMBER_PAGE_ROWS // PAGE_SIZE
 
 #: Peer key to the distribution it needs (`None`: always there).
 PEERS: dict[str, str] = {
@@ -71,6 +74,39 @@ def _live(tenant: str) -> tuple[Any, ...]:
 
 def _order() -> tuple[Any, ...]:
     return (col(BenchItem.created_at), col(BenchItem.id))
+
+
+def _active() -> tuple[Any, ...]:
+    return (
+        col(BenchMember.tenant_id) == TENANT_MEMBER,
+        col(BenchMember.active).is_(True),
+        col(BenchMember.deleted_at).is_(None),
+    )
+
+
+def _member_order() -> tuple[Any, ...]:
+    return (col(BenchMember.created_at), col(BenchMember.id))
+
+
+def _shared(calls: dict[str, Any]) -> dict[str, Any]:
+    """Add the operations every peer runs with calls it already has.
+
+    A peer's call runs in a session of its own: that session is the peer's
+    unit of work, so the calls inside a `TransactionManager` compare with the
+    same calls; after an idle gap they are the same calls too.
+    """
+    get, insert, update = calls["get_pool"], calls["insert"], calls["update"]
+
+    async def write(i: int) -> None:
+        await (update if i % 2 else insert)(i)
+
+    return calls | {
+        "tx_get": get,
+        "tx_insert": insert,
+        "tx_update": update,
+        "idle_get": get,
+        "idle_write": write,
+    }
 
 
 def _new_item(i: int) -> BenchBulkItem:
@@ -172,7 +208,8 @@ class _SQLModelPeer(_Peer):
 
         async def offset_deep(_: int) -> None:
             async with self.session() as s:
-                (await s.exec(page(TENANT_DEEP, PAGE_SIZE + 1, DEEP_OFFSET))).all()
+                deep = bench.sizes.deep_offset
+                (await s.exec(page(TENANT_DEEP, PAGE_SIZE + 1, deep))).all()
 
         at, last = bench.deep_after
 
@@ -186,17 +223,68 @@ class _SQLModelPeer(_Peer):
             async with self.session() as s:
                 (await s.exec(statement)).all()
 
-        return {
-            "get_held": get_held,
-            "get_pool": get,
-            "insert": insert,
-            "update": update,
-            "bulk": bulk,
-            "page_total": page_total,
-            "page_no_total": page_no_total,
-            "offset_deep": offset_deep,
-            "keyset_deep": keyset_deep,
-        }
+        async def unit(i: int) -> None:
+            a, b = wids[(2 * i) % len(wids)], wids[(2 * i + 1) % len(wids)]
+            async with self.session() as s:
+                first = (await s.exec(by_id(a, TENANT_WRITE))).one()
+                second = (await s.exec(by_id(b, TENANT_WRITE))).one()
+                first.rank -= 1
+                second.rank += 1
+                await s.commit()
+
+        def active_page(limit: int, offset: int) -> Any:
+            return (
+                select(BenchMember)
+                .where(*_active())
+                .order_by(*_member_order())
+                .offset(offset)
+                .limit(limit)
+            )
+
+        async def member_page_total(i: int) -> None:
+            async with self.session() as s:
+                offset = (i % MEMBER_PAGES) * PAGE_SIZE
+                (await s.exec(active_page(PAGE_SIZE, offset))).all()
+                count = select(func.count()).select_from(BenchMember)
+                (await s.exec(count.where(*_active()))).one()
+
+        m_at, m_last = bench.member_after
+
+        async def member_keyset(_: int) -> None:
+            statement = (
+                select(BenchMember)
+                .where(*_active(), tuple_(*_member_order()) > tuple_(m_at, m_last))
+                .order_by(*_member_order())
+                .limit(PAGE_SIZE + 1)
+            )
+            async with self.session() as s:
+                (await s.exec(statement)).all()
+
+        async def page_total_big(i: int) -> None:
+            async with self.session() as s:
+                (
+                    await s.exec(page(TENANT_DEEP, PAGE_SIZE, (i % PAGES) * PAGE_SIZE))
+                ).all()
+                count = select(func.count()).select_from(BenchItem)
+                (await s.exec(count.where(*_live(TENANT_DEEP)))).one()
+
+        return _shared(
+            {
+                "get_held": get_held,
+                "get_pool": get,
+                "insert": insert,
+                "update": update,
+                "bulk": bulk,
+                "page_total": page_total,
+                "page_no_total": page_no_total,
+                "offset_deep": offset_deep,
+                "keyset_deep": keyset_deep,
+                "tx_unit": unit,
+                "page_total_big": page_total_big,
+                "member_page_total": member_page_total,
+                "member_keyset": member_keyset,
+            }
+        )
 
 
 class _AdvancedAlchemyPeer(_Peer):
@@ -273,7 +361,7 @@ class _AdvancedAlchemyPeer(_Peer):
         async def offset_deep(_: int) -> None:
             async with self.session() as s:
                 await repo_class(session=s).list(
-                    limit_offset(PAGE_SIZE + 1, DEEP_OFFSET),
+                    limit_offset(PAGE_SIZE + 1, bench.sizes.deep_offset),
                     *order,
                     *_live(TENANT_DEEP),
                 )
@@ -289,17 +377,65 @@ class _AdvancedAlchemyPeer(_Peer):
                     tuple_(*_order()) > tuple_(at, last),
                 )
 
-        return {
-            "get_held": get_held,
-            "get_pool": get,
-            "insert": insert,
-            "update": update,
-            "bulk": bulk,
-            "page_total": page_total,
-            "page_no_total": page_no_total,
-            "offset_deep": offset_deep,
-            "keyset_deep": keyset_deep,
-        }
+        async def unit(i: int) -> None:
+            a, b = wids[(2 * i) % len(wids)], wids[(2 * i + 1) % len(wids)]
+            async with self.session() as s:
+                repo = repo_class(session=s)
+                first = await repo.get_one(*by_id(a, TENANT_WRITE))
+                second = await repo.get_one(*by_id(b, TENANT_WRITE))
+                first.rank -= 1
+                second.rank += 1
+                await repo.update(first)
+                await repo.update(second)
+                await s.commit()
+
+        member_class: Any = type("MemberRepo", (base,), {"model_type": BenchMember})
+        member_order = (order_by("created_at", "asc"), order_by("id", "asc"))
+
+        async def member_page_total(i: int) -> None:
+            async with self.session() as s:
+                await member_class(session=s).list_and_count(
+                    limit_offset(PAGE_SIZE, (i % MEMBER_PAGES) * PAGE_SIZE),
+                    *member_order,
+                    *_active(),
+                )
+
+        m_at, m_last = bench.member_after
+
+        async def member_keyset(_: int) -> None:
+            async with self.session() as s:
+                await member_class(session=s).list(
+                    limit_offset(PAGE_SIZE + 1, 0),
+                    *member_order,
+                    *_active(),
+                    tuple_(*_member_order()) > tuple_(m_at, m_last),
+                )
+
+        async def page_total_big(i: int) -> None:
+            async with self.session() as s:
+                await repo_class(session=s).list_and_count(
+                    limit_offset(PAGE_SIZE, (i % PAGES) * PAGE_SIZE),
+                    *order,
+                    *_live(TENANT_DEEP),
+                )
+
+        return _shared(
+            {
+                "get_held": get_held,
+                "get_pool": get,
+                "insert": insert,
+                "update": update,
+                "bulk": bulk,
+                "page_total": page_total,
+                "page_no_total": page_no_total,
+                "offset_deep": offset_deep,
+                "keyset_deep": keyset_deep,
+                "tx_unit": unit,
+                "page_total_big": page_total_big,
+                "member_page_total": member_page_total,
+                "member_keyset": member_keyset,
+            }
+        )
 
 
 class _ItemCreate(SQLModel):
@@ -382,7 +518,8 @@ class _FastCRUDPeer(_Peer):
 
         async def offset_deep(_: int) -> None:
             async with self.session() as s:
-                await multi(s, TENANT_DEEP, PAGE_SIZE + 1, DEEP_OFFSET, total=False)
+                deep = bench.sizes.deep_offset
+                await multi(s, TENANT_DEEP, PAGE_SIZE + 1, deep, total=False)
 
         at: datetime = bench.deep_after[0].astimezone(UTC)
 
@@ -398,16 +535,73 @@ class _FastCRUDPeer(_Peer):
                     where=live,
                 )
 
-        return {
-            "get_held": get_held,
-            "get_pool": get,
-            "insert": insert,
-            "update": update,
-            "page_total": page_total,
-            "page_no_total": page_no_total,
-            "offset_deep": offset_deep,
-            "keyset_deep": keyset_deep,
-        }
+        async def unit(i: int) -> None:
+            a, b = wids[(2 * i) % len(wids)], wids[(2 * i + 1) % len(wids)]
+            async with self.session() as s:
+                first = await crud.get(s, id=a, tenant_id=TENANT_WRITE, where=live)
+                second = await crud.get(s, id=b, tenant_id=TENANT_WRITE, where=live)
+                for key, rank in ((a, first["rank"] - 1), (b, second["rank"] + 1)):
+                    await crud.update(
+                        s,
+                        {"rank": rank},
+                        commit=False,
+                        id=key,
+                        tenant_id=TENANT_WRITE,
+                        where=live,
+                    )
+                await s.commit()
+
+        members = fastcrud.FastCRUD(BenchMember)
+        member_live = col(BenchMember.deleted_at).is_(None)
+
+        async def member_page_total(i: int) -> None:
+            async with self.session() as s:
+                await members.get_multi(
+                    s,
+                    offset=(i % MEMBER_PAGES) * PAGE_SIZE,
+                    limit=PAGE_SIZE,
+                    sort_columns=["created_at", "id"],
+                    return_total_count=True,
+                    tenant_id=TENANT_MEMBER,
+                    active=True,
+                    where=member_live,
+                )
+
+        m_at: datetime = bench.member_after[0].astimezone(UTC)
+
+        async def member_keyset(_: int) -> None:
+            async with self.session() as s:
+                await members.get_multi_by_cursor(
+                    s,
+                    cursor=m_at,
+                    limit=PAGE_SIZE,
+                    sort_column="created_at",
+                    tenant_id=TENANT_MEMBER,
+                    active=True,
+                    where=member_live,
+                )
+
+        async def page_total_big(i: int) -> None:
+            async with self.session() as s:
+                offset = (i % PAGES) * PAGE_SIZE
+                await multi(s, TENANT_DEEP, PAGE_SIZE, offset, total=True)
+
+        return _shared(
+            {
+                "get_held": get_held,
+                "get_pool": get,
+                "insert": insert,
+                "update": update,
+                "page_total": page_total,
+                "page_no_total": page_no_total,
+                "offset_deep": offset_deep,
+                "keyset_deep": keyset_deep,
+                "tx_unit": unit,
+                "page_total_big": page_total_big,
+                "member_page_total": member_page_total,
+                "member_keyset": member_keyset,
+            }
+        )
 
 
 _CLASSES: dict[str, type[_Peer]] = {
@@ -426,6 +620,15 @@ _TENANTS = {
     "page_no_total": TENANT_PAGE,
     "offset_deep": TENANT_DEEP,
     "keyset_deep": TENANT_DEEP,
+    "tx_get": TENANT_PAGE,
+    "tx_insert": TENANT_WRITE,
+    "tx_update": TENANT_WRITE,
+    "tx_unit": TENANT_WRITE,
+    "page_total_big": TENANT_DEEP,
+    "member_page_total": TENANT_MEMBER,
+    "member_keyset": TENANT_MEMBER,
+    "idle_get": TENANT_PAGE,
+    "idle_write": TENANT_WRITE,
 }
 
 

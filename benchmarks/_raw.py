@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import uuid
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
 
 __all__ = ["AiosqliteDriver", "AsyncpgDriver", "RawDriver"]
 
@@ -53,6 +54,9 @@ class RawDriver(Protocol):
 
     async def pooled_fetchrow(self, sql: str, *args: Any) -> Any:
         """Take a pooled connection, run a query, give the connection back."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        """Return a transaction on the held connection: committed on exit."""
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """Insert `rows` with one executemany inside one transaction."""
@@ -129,6 +133,11 @@ class AsyncpgDriver:
     async def pooled_fetchrow(self, sql: str, *args: Any) -> Any:
         """`Pool.fetchrow`: acquire, query, release (with asyncpg's reset)."""
         return await self.pool.fetchrow(sql, *args)
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        """`Connection.transaction()` on the held connection."""
+        transaction: AbstractAsyncContextManager[Any] = self.conn.transaction()
+        return transaction
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """`Connection.executemany` inside `Connection.transaction()`."""
@@ -248,6 +257,17 @@ class AiosqliteDriver:
         finally:
             self._pool.put_nowait(conn)
         return rows[0] if rows else None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """`BEGIN IMMEDIATE` ... `COMMIT` (`ROLLBACK` on error), held connection."""
+        await self.conn.execute_fetchall("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            await self.conn.execute_fetchall("ROLLBACK")
+            raise
+        await self.conn.execute_fetchall("COMMIT")
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """`BEGIN`, one `executemany`, `COMMIT` on the held connection."""

@@ -11,7 +11,14 @@ every implementation sees the same rows:
 - tenant `bench-write`: 1,000 rows that the update operation changes;
 - table `dotmac_bench_bulk`: single-row inserts land here (so the measured
   table does not grow while the reads run), and it is emptied before every
-  bulk-insert sample.
+  bulk-insert sample;
+- table `dotmac_bench_member`, the second shape: the same columns plus an
+  `active` flag that pages filter on, indexed `(tenant_id, active,
+  created_at, id)`; tenant `bench-member` holds 20,000 rows, every other one
+  active.
+
+The `Database` is made with the library's defaults (`Database(url)`): pool of
+10 plus 10 overflow, the idle liveness check on.
 
 `created_at` grows by one millisecond per row, so `ORDER BY created_at, id`
 is the order the rows were written in, and every implementation reads the
@@ -33,7 +40,6 @@ from dotmac_core import (
     AsyncRepository,
     AuditMixin,
     Database,
-    DatabaseConfig,
     SecurityConfig,
     TenantBaseModel,
     tenant_scope,
@@ -49,21 +55,24 @@ if TYPE_CHECKING:
     from ._raw import RawDriver
 
 __all__ = [
-    "DEEP_OFFSET",
-    "DEEP_ROWS",
+    "MEMBER_PAGE_ROWS",
     "PAGE_ROWS",
     "PAGE_SIZE",
     "POOL_SIZE",
     "TASKS",
     "TENANT_BULK",
     "TENANT_DEEP",
+    "TENANT_MEMBER",
     "TENANT_PAGE",
     "TENANT_WRITE",
     "Bench",
     "BenchBulkItem",
     "BenchItem",
+    "BenchMember",
     "BulkItems",
     "Items",
+    "Members",
+    "Sizes",
     "close_bench",
     "default_db",
     "open_bench",
@@ -73,14 +82,35 @@ TENANT_PAGE = "bench-page"
 TENANT_DEEP = "bench-deep"
 TENANT_WRITE = "bench-write"
 TENANT_BULK = "bench-bulk"
+TENANT_MEMBER = "bench-member"
+MEMBER_PAGE_ROWS = 900  # pages with total walk the first 900 active members
 PAGE_ROWS = 900
 PAGE_DELETED_EVERY = 21  # every 21st row of the page tenant is soft-deleted: 45
-DEEP_ROWS = 58_000
-DEEP_OFFSET = 50_000
 WRITE_ROWS = 1_000
 PAGE_SIZE = 50
-POOL_SIZE = 20
+POOL_SIZE = 20  # the raw driver's pool: as many as dotmac_core's default 10 + 10
 TASKS = 200
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big the deep tenants are: full runs as documented, `--quick` smaller."""
+
+    deep_rows: int = 58_000
+    """Rows of the deep tenant."""
+    deep_offset: int = 50_000
+    """Where the deep offset and keyset pages start."""
+    member_rows: int = 20_000
+    """Rows of the member tenant (every other one active)."""
+    member_deep: int = 9_000
+    """Keyset pages of active members start after this many."""
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        """Sizes for `--quick`: the same operations on fewer rows."""
+        return cls(
+            deep_rows=6_000, deep_offset=5_000, member_rows=2_000, member_deep=950
+        )
 
 
 class BenchItem(TenantBaseModel, AuditMixin, table=True):
@@ -108,6 +138,24 @@ class BenchBulkItem(TenantBaseModel, AuditMixin, table=True):
     rank: int = 0
 
 
+class BenchMember(TenantBaseModel, AuditMixin, table=True):
+    """The second shape: the same columns and an `active` flag pages filter on."""
+
+    __tablename__ = "dotmac_bench_member"
+    __table_args__ = (
+        Index("ix_dotmac_bench_member_page", "tenant_id", "active", "created_at", "id"),
+    )
+
+    email: str = Field(max_length=120)
+    name: str = Field(max_length=50)
+    rank: int = 0
+    active: bool = True
+
+
+class Members(AsyncRepository[BenchMember]):
+    """dotmac_core's repository for the second shape."""
+
+
 class Items(AsyncRepository[BenchItem]):
     """dotmac_core's repository for the measured table."""
 
@@ -119,6 +167,12 @@ class BulkItems(AsyncRepository[BenchBulkItem]):
 def item_table() -> Table:
     """Return the measured table."""
     table: Table = BenchItem.__table__  # type: ignore[attr-defined]
+    return table
+
+
+def member_table() -> Table:
+    """Return the second shape's table."""
+    table: Table = BenchMember.__table__  # type: ignore[attr-defined]
     return table
 
 
@@ -137,6 +191,7 @@ class Bench:
     dialect: str
     security: SecurityConfig
     bulk_rows: int
+    sizes: Sizes
     columns: list[str]
     """Column names of both tables, in table order."""
     page_ids: list[uuid.UUID]
@@ -146,6 +201,10 @@ class Bench:
     deep_after: tuple[datetime, uuid.UUID]
     """Sort position of row 49,999 of the deep tenant: keyset pages start after it."""
     deep_cursor: str
+    """dotmac_core's signed cursor for the same position."""
+    member_after: tuple[datetime, uuid.UUID]
+    """Sort position of active member `member_deep`: keyset pages start after it."""
+    member_cursor: str
     """dotmac_core's signed cursor for the same position."""
     server_version: str
     server_settings: dict[str, str]
@@ -206,12 +265,27 @@ async def _raw_driver(db: Database) -> RawDriver:
 
 async def _recreate_tables(db: Database) -> None:
     async with db.engine.begin() as conn:
-        for table in (item_table(), bulk_table()):
+        for table in (item_table(), bulk_table(), member_table()):
             await conn.run_sync(table.drop, checkfirst=True)
             await conn.run_sync(table.create)
 
 
-async def _seed(bench_raw: RawDriver, columns: list[str]) -> dict[str, list[Any]]:
+async def _load(
+    bench_raw: RawDriver, table: str, columns: list[str], rows: list[dict[str, Any]]
+) -> None:
+    names = ", ".join(columns)
+    marks = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    records = [record(bench_raw, columns, row) for row in rows]
+    if isinstance(bench_raw, AsyncpgDriver):
+        await bench_raw.copy(table, columns, records)
+    else:
+        sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"  # noqa: S608 - fixed names
+        await bench_raw.executemany(bench_raw.sql(sql), records)
+
+
+async def _seed(
+    bench_raw: RawDriver, columns: list[str], sizes: Sizes
+) -> dict[str, list[Any]]:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     seeded = {
         TENANT_PAGE: _seed_rows(
@@ -220,20 +294,23 @@ async def _seed(bench_raw: RawDriver, columns: list[str]) -> dict[str, list[Any]
             start,
             deleted_every=PAGE_DELETED_EVERY,
         ),
-        TENANT_DEEP: _seed_rows(TENANT_DEEP, DEEP_ROWS, start),
+        TENANT_DEEP: _seed_rows(TENANT_DEEP, sizes.deep_rows, start),
         TENANT_WRITE: _seed_rows(TENANT_WRITE, WRITE_ROWS, start),
     }
-    table = item_table().name
-    names = ", ".join(columns)
-    marks = ", ".join(f"${i + 1}" for i in range(len(columns)))
-    sql = bench_raw.sql(f"INSERT INTO {table} ({names}) VALUES ({marks})")  # noqa: S608 - fixed names
     for rows in seeded.values():
-        records = [record(bench_raw, columns, row) for row in rows]
-        if isinstance(bench_raw, AsyncpgDriver):
-            await bench_raw.copy(table, columns, records)
-        else:
-            await bench_raw.executemany(sql, records)
-    await bench_raw.execute(f"ANALYZE {table}")
+        await _load(bench_raw, item_table().name, columns, rows)
+    members = _seed_rows(TENANT_MEMBER, sizes.member_rows, start)
+    for i, row in enumerate(members):
+        row["active"] = i % 2 == 0
+    await _load(
+        bench_raw,
+        member_table().name,
+        [c.name for c in member_table().columns],
+        members,
+    )
+    seeded[TENANT_MEMBER] = members
+    for table in (item_table(), member_table()):
+        await bench_raw.execute(f"ANALYZE {table.name}")
     return seeded
 
 
@@ -251,8 +328,8 @@ async def _check(bench: Bench, seeded: dict[str, list[dict[str, Any]]]) -> None:
         page = await Items(db=bench.db, security=bench.security).list_after(
             bench.deep_cursor, size=PAGE_SIZE
         )
-        if page.items[0].id != seeded[TENANT_DEEP][DEEP_OFFSET]["id"]:
-            msg = "the keyset cursor does not start at row 50,000"
+        if page.items[0].id != seeded[TENANT_DEEP][bench.sizes.deep_offset]["id"]:
+            msg = "the keyset cursor does not start at the deep offset"
             raise RuntimeError(msg)
 
 
@@ -261,23 +338,31 @@ def default_db(folder: str) -> str:
     return f"sqlite+aiosqlite:///{folder}/bench.db"
 
 
-async def open_bench(db_url: str, bulk_rows: int) -> Bench:
+async def open_bench(db_url: str, bulk_rows: int, sizes: Sizes | None = None) -> Bench:
     """Connect, create and fill the tables, and return the shared context."""
-    db = Database(
-        DatabaseConfig(url=db_url, pool_size=POOL_SIZE, max_overflow=0),
-    )
+    db = Database(db_url)  # the library's defaults, as a service starts with
     await _recreate_tables(db)
     raw = await _raw_driver(db)
     columns = [column.name for column in item_table().columns]
-    seeded = await _seed(raw, columns)
+    sizes = sizes or Sizes()
+    seeded = await _seed(raw, columns, sizes)
     security = SecurityConfig()
-    deep_row = seeded[TENANT_DEEP][DEEP_OFFSET - 1]
+    deep_row = seeded[TENANT_DEEP][sizes.deep_offset - 1]
     with tenant_scope(TENANT_DEEP):
         # A page of one that starts at row 49,999: its cursor points after it.
         first = await Items(db=db, security=security).list_after(
             None, size=1, filters={"created_at__gte": deep_row["created_at"]}
         )
-    if first.next_cursor is None:
+    member_row = [row for row in seeded[TENANT_MEMBER] if row["active"]][
+        sizes.member_deep - 1
+    ]
+    with tenant_scope(TENANT_MEMBER):
+        member_first = await Members(db=db, security=security).list_after(
+            None,
+            size=1,
+            filters={"active": True, "created_at__gte": member_row["created_at"]},
+        )
+    if first.next_cursor is None or member_first.next_cursor is None:
         msg = "could not make a keyset cursor"
         raise RuntimeError(msg)
     bench = Bench(
@@ -286,6 +371,7 @@ async def open_bench(db_url: str, bulk_rows: int) -> Bench:
         dialect=db.dialect,
         security=security,
         bulk_rows=bulk_rows,
+        sizes=sizes,
         columns=columns,
         page_ids=[
             row["id"] for row in seeded[TENANT_PAGE] if row["deleted_at"] is None
@@ -293,6 +379,8 @@ async def open_bench(db_url: str, bulk_rows: int) -> Bench:
         write_ids=[row["id"] for row in seeded[TENANT_WRITE]],
         deep_after=(deep_row["created_at"], deep_row["id"]),
         deep_cursor=first.next_cursor,
+        member_after=(member_row["created_at"], member_row["id"]),
+        member_cursor=member_first.next_cursor,
         server_version=await raw.server_version(),
         server_settings=await raw.settings(),
     )
@@ -304,6 +392,6 @@ async def close_bench(bench: Bench) -> None:
     """Drop the tables and close every connection."""
     await bench.raw.close()
     async with bench.db.engine.begin() as conn:
-        for table in (item_table(), bulk_table()):
+        for table in (item_table(), bulk_table(), member_table()):
             await conn.run_sync(table.drop, checkfirst=True)
     await bench.db.dispose()

@@ -42,8 +42,9 @@ from ._harness import Timing, measure, progress
 from ._ops_cache import cache_memory, cache_redis
 from ._ops_db import DB_OPERATIONS
 from ._ops_peers import PEERS, add_peers, peer_versions
+from ._ops_units import IDLE_PAUSE, UNIT_OPERATIONS
 from ._report import COLUMNS, OpResult, chart, markdown, targets
-from ._setup import close_bench, default_db, open_bench
+from ._setup import Sizes, close_bench, default_db, open_bench
 
 if TYPE_CHECKING:
     from ._harness import Operation
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["main", "parse_args", "run"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OPERATIONS = [*DB_OPERATIONS, "cache_redis", "cache_memory"]
+OPERATIONS = [*DB_OPERATIONS, *UNIT_OPERATIONS, "cache_redis", "cache_memory"]
 _VERSIONED = (
     "dotmac-core",
     "sqlalchemy",
@@ -92,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--bulk-rows", type=int, help="rows of the bulk insert")
     parser.add_argument(
+        "--idle-pause",
+        type=float,
+        help=f"seconds between groups of the idle_* operations (default "
+        f"{IDLE_PAUSE:g}: past every idle threshold; 0.05 with --quick)",
+    )
+    parser.add_argument(
         "--ops",
         help="comma-separated operations to run (default: all): "
         + ",".join(OPERATIONS),
@@ -111,9 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(comma-separated) instead of timing; writes results/profile-OP.txt",
     )
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 9)
-    args.sample_seconds = args.sample_seconds or (0.03 if args.quick else 0.25)
-    args.bulk_rows = args.bulk_rows or (2_000 if args.quick else 10_000)
+    args.repeats = args.repeats or (2 if args.quick else 9)
+    args.sample_seconds = args.sample_seconds or (0.01 if args.quick else 0.25)
+    args.bulk_rows = args.bulk_rows or (500 if args.quick else 10_000)
+    if args.idle_pause is None:
+        # --quick checks the harness only: its pause is too short to matter.
+        args.idle_pause = 0.05 if args.quick else IDLE_PAUSE
     ops = args.profile or args.ops
     args.ops = ops.split(",") if ops else list(OPERATIONS)
     unknown = set(args.ops) - set(OPERATIONS)
@@ -208,9 +218,12 @@ async def _build(
     if key == "cache_redis":
         op, version = await cache_redis(args.redis)
         return op, "redis-py", version
-    op = await DB_OPERATIONS[key](bench)
+    if key.startswith("idle_"):
+        op = await UNIT_OPERATIONS[key](bench, args.idle_pause)  # type: ignore[call-arg]
+    else:
+        op = await (DB_OPERATIONS | UNIT_OPERATIONS)[key](bench)
     add_peers(op, bench, peers)
-    if key == "bulk":
+    if key == "bulk" or key.startswith("idle_"):
         op.repeats = min(args.repeats, 5)
     return op, bench.raw.name, None
 
@@ -228,11 +241,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     peers, skipped = _peers(args)
     with tempfile.TemporaryDirectory(prefix="dotmac-bench-") as tmp:
         db_url = args.db or default_db(tmp)
+        sizes = Sizes.quick() if args.quick else Sizes()
         progress(
-            f"setting up {make_url(db_url).get_backend_name()}: seeding 60,000 rows"
+            f"setting up {make_url(db_url).get_backend_name()}: seeding "
+            f"{sizes.deep_rows + sizes.member_rows + 3_000:,} rows"
         )
-        bench = await open_bench(db_url, args.bulk_rows)
-        timing = Timing(repeats=args.repeats, sample_seconds=args.sample_seconds)
+        bench = await open_bench(db_url, args.bulk_rows, sizes)
+        timing = Timing(
+            repeats=args.repeats,
+            sample_seconds=args.sample_seconds,
+            # --quick checks the harness: a few calls are enough to warm up.
+            min_calls=2 if args.quick else 5,
+            warmup_calls=3 if args.quick else 20,
+        )
         results: list[OpResult] = []
         redis_version = None
         try:
@@ -288,6 +309,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "sample_seconds": args.sample_seconds,
             "bulk_rows": args.bulk_rows,
+            "sizes": bench.sizes.__dict__,
+            "idle_pause": args.idle_pause,
             "quick": args.quick,
             "database_config": {
                 name: getattr(bench.db.config, name)
