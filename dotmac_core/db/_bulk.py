@@ -145,7 +145,7 @@ async def _copy(
     else:
         found = await _executor.session_driver(session, facts)
         driver = None if found is None else found[0]
-    if driver is None:
+    if driver is None or not driver.copy:
         return None
     _fill_defaults(facts, rows)
     records = _records(facts, driver, rows)

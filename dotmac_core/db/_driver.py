@@ -296,6 +296,9 @@ class DriverExecutor:
         #: in autocommit; `False` when every statement needs a transaction of
         #: its own (settings made per transaction, such as row-level security).
         self.pooled = True
+        #: Whether bulk inserts may use PostgreSQL's COPY; `False` where the
+        #: server refuses it (tables under row-level security).
+        self.copy = True
         self._via: type[_Asyncpg | _Aiosqlite] = (
             _Asyncpg if self.dialect.name == "postgresql" else _Aiosqlite
         )

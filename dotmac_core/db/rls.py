@@ -260,8 +260,10 @@ def enable_row_level_security(db: Database) -> None:
     driver = driver_for(engine)
     if driver is not None:
         # A statement on a pooled connection in autocommit would run outside
-        # any transaction, where no tenant is set.
+        # any transaction, where no tenant is set; and the server refuses
+        # COPY FROM into a table under row-level security.
         driver.pooled = False
+        driver.copy = False
     # Reads outside a transaction use an AUTOCOMMIT session on PostgreSQL;
     # a transaction-local setting cannot reach them, so they get a real one.
     db._read_factory = db.session_factory
