@@ -149,7 +149,9 @@ def install_sync_checkout(engine: AsyncEngine) -> None:
     takes a connection from under a task already waiting for one (the pool's
     queue is made fair, `install_fair_queue`); and a synchronous checkin that
     finds the pool full closes the surplus connection on the event loop
-    instead of failing to await its close (`install_deferred_close`).
+    instead of failing to await its close (`_install_deferred_close`; on
+    SQLite, an invalidated connection of a cancelled task is closed there
+    too).
     """
     install_fair_queue(engine)
     _install_deferred_close(engine)
@@ -327,6 +329,34 @@ def _install_deferred_close(engine: AsyncEngine) -> None:
             task.add_done_callback(_CLOSING.discard)
 
     dialect.do_close = do_close
+    if dialect.name == "sqlite":
+        _install_sqlite_cancel_safe_terminate(dialect)
+
+
+def _install_sqlite_cancel_safe_terminate(dialect: Any) -> None:
+    """Close an invalidated aiosqlite connection on the loop in a cancelled task.
+
+    SQLAlchemy's aiosqlite terminate awaits a shielded graceful close; when
+    that await is cancelled it stops aiosqlite's thread under the close, whose
+    task then waits forever ("Task was destroyed but it is pending"). While the
+    task is being cancelled, aiosqlite's own `close()` runs as a task of its own.
+    """
+    terminate = dialect.do_terminate
+
+    def do_terminate(dbapi_connection: DBAPIConnection) -> None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: the garbage collector's case
+            task = None
+        if task is None or not task.cancelling():
+            terminate(dbapi_connection)
+            return
+        driver: Any = dbapi_connection.driver_connection
+        closing = task.get_loop().create_task(_close_driver(driver))
+        _CLOSING.add(closing)
+        closing.add_done_callback(_CLOSING.discard)
+
+    dialect.do_terminate = do_terminate
 
 
 async def _close_driver(driver: Any) -> None:
