@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Self, TypeVar
 
 import anyio
@@ -119,6 +119,11 @@ class TransactionManager:
             msg = f"the transaction is {self._state.value}, not active: no session"
             raise DotMacError(msg, code="transaction_inactive")
         return self._session
+
+    @property
+    def committed(self) -> bool:
+        """Whether the block committed: also when it was cancelled during COMMIT."""
+        return self._state is _State.COMMITTED
 
     @property
     def is_nested(self) -> bool:
@@ -234,12 +239,13 @@ class TransactionManager:
 
     async def _commit(self) -> None:
         session = self.session
+        cancelled: asyncio.CancelledError | None = None
         try:
             with translate_errors():
                 if self._savepoint is not None:
                     await self._savepoint.commit()
                 else:
-                    await session.commit()
+                    cancelled = await _uninterrupted(session.commit())
         except BaseException:
             await self._rollback()
             raise
@@ -247,8 +253,16 @@ class TransactionManager:
         if self._parent is not None:
             self._parent._callbacks.extend(self._callbacks)
             return
-        await self._close()
-        await self._run_callbacks()
+        if cancelled is None:
+            await self._close()
+            await self._run_callbacks()
+            return
+        # Cancelled while COMMIT was on its way: the transaction committed,
+        # so what follows a commit happens, then the cancellation goes on.
+        with anyio.CancelScope(shield=True):
+            await self._close()
+            await self._run_callbacks()
+        raise cancelled
 
     async def _rollback(self) -> None:
         session = self._session
@@ -297,6 +311,31 @@ class TransactionManager:
                     await result
             except Exception:
                 logger.exception("on_commit callback %r failed", callback)
+
+
+async def _uninterrupted(
+    commit: Coroutine[Any, Any, None],
+) -> asyncio.CancelledError | None:
+    """Run `commit` to its end even if this task is cancelled meanwhile.
+
+    A COMMIT cut off after it was sent may still commit on the server, and
+    the caller could not tell. So the commit runs in a task of its own that
+    cancellation does not reach, and is awaited to the end; a cancellation
+    that arrived meanwhile is returned for the caller to raise once the
+    outcome is settled. Errors of the commit itself are raised.
+    """
+    task = asyncio.ensure_future(commit)
+    cancelled: asyncio.CancelledError | None = None
+    with anyio.CancelScope(shield=True):  # anyio's cancellations wait too
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.cancelled():  # the commit itself (the loop is closing)
+                    raise
+                cancelled = exc  # a plain task.cancel(): wait for the commit
+    task.result()  # the commit's own error, if it failed
+    return cancelled
 
 
 def current_transaction() -> TransactionManager | None:

@@ -6,9 +6,12 @@ import asyncio
 import gc
 import logging
 import warnings
+from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import pytest
+from sqlalchemy import event
 from sqlmodel import select
 
 from dotmac_core import (
@@ -191,6 +194,54 @@ async def test_cancelled_transactions_leak_nothing(db: Database) -> None:
     assert flushed >= 1
     assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert await Tags().count() == 0
+
+
+@pytest.mark.parametrize("style", ["task", "scope"])
+async def test_cancelled_during_commit_commits_and_says_so(
+    db: Database, style: str
+) -> None:
+    """A cancellation landing while COMMIT is on its way waits for it, then goes on.
+
+    The block commits (and says so with `committed`), its callbacks run, no
+    connection is left checked out, and the caller sees the cancellation.
+    """
+    engine = db.engine.sync_engine
+    cancel: list[Callable[[], object]] = []
+    ran: list[str] = []
+
+    def on_commit(_conn: object) -> None:  # SQLAlchemy's, just before COMMIT
+        if cancel:
+            asyncio.get_running_loop().call_soon(cancel.pop())
+
+    tx = TransactionManager()
+
+    async def block() -> None:
+        async with tx:
+            await Tags().create({"label": f"commit-{style}"})
+            tx.on_commit(lambda: ran.append("callback"))
+
+    event.listen(engine, "commit", on_commit)
+    try:
+        if style == "task":
+            task = asyncio.create_task(block())
+            cancel.append(task.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with anyio.CancelScope() as scope:
+                cancel.append(scope.cancel)
+                await block()
+                await (
+                    anyio.lowlevel.checkpoint()
+                )  # the scope's cancellation still stands
+            assert scope.cancelled_caught
+    finally:
+        event.remove(engine, "commit", on_commit)
+    assert not cancel  # the cancellation was delivered during the commit
+    assert tx.committed
+    assert ran == ["callback"]
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert await Tags().count({"label": f"commit-{style}"}) == 1
 
 
 @pytest.mark.parametrize(
