@@ -94,8 +94,14 @@ def input_model(model: type[Any]) -> type[pydantic.BaseModel]:
     return schema
 
 
-def validated_values(model: type[Any], data: object) -> dict[str, Any]:
-    """Validate `data` for `model`; return every field's value, defaults filled in."""
+def validated_values(
+    model: type[Any], data: object, dialect: str | None = None
+) -> dict[str, Any]:
+    """Validate `data` for `model`; return every field's value, defaults filled in.
+
+    `dialect` is the database the row goes to (`None`: either one, so a
+    value one of them would store wrong is refused; see `check_non_finite`).
+    """
     if isinstance(data, model):
         data = data.model_dump()
     check_keys(model, data)
@@ -104,14 +110,16 @@ def validated_values(model: type[Any], data: object) -> dict[str, Any]:
         values = dict(input_model(model).model_validate(data).__dict__)
     except pydantic.ValidationError as exc:
         raise invalid(model, exc) from exc
-    check_storable(model, values)
+    check_storable(model, values, dialect)
     return values
 
 
 _LIST_ADAPTERS: dict[type[Any], pydantic.TypeAdapter[list[Any]]] = {}
 
 
-def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, Any]]:
+def validated_rows(
+    model: type[Any], items: Iterable[object], dialect: str | None = None
+) -> list[dict[str, Any]]:
     """`validated_values` for many items, validated in one pass.
 
     One pydantic call checks the whole list (its loop runs in Rust); if any
@@ -146,9 +154,9 @@ def validated_rows(model: type[Any], items: Iterable[object]) -> list[dict[str, 
         try:
             checked = adapter.validate_python(data)
         except pydantic.ValidationError:
-            return [validated_values(model, item) for item in given]
+            return [validated_values(model, item, dialect) for item in given]
         rows = [dict(row.__dict__) for row in checked]
-    check_storable_rows(model, rows)
+    check_storable_rows(model, rows, dialect)
     return rows
 
 
@@ -219,7 +227,9 @@ def validate_field(model: type[Any], name: str, value: Any) -> Any:
         raise ValidationError(msg, field=name) from exc
 
 
-def validated_changes(facts: Facts, data: Mapping[str, Any]) -> dict[str, Any]:
+def validated_changes(
+    facts: Facts, data: Mapping[str, Any], dialect: str | None = None
+) -> dict[str, Any]:
     """Validate a partial update: known, changeable fields with valid values.
 
     Non-empty changes also set `updated_by` to the acting user, where the
@@ -238,7 +248,7 @@ def validated_changes(facts: Facts, data: Mapping[str, Any]) -> dict[str, Any]:
             raise ValidationError(msg, field=name)
         changes[name] = validate_field(model, name, value)
     check_int_inputs(model, data)
-    check_storable(model, changes)
+    check_storable(model, changes, dialect)
     user = current_user_id()
     if changes and user is not None and "updated_by" in facts.column:
         changes["updated_by"] = user
@@ -343,14 +353,14 @@ def scoping_for(
     return Scoping(tenant, deleted)
 
 
-def key_values(facts: Facts, id: Any) -> tuple[Any, ...]:
+def key_values(facts: Facts, id: Any, dialect: str | None = None) -> tuple[Any, ...]:
     """The primary key `id` as checked values in `Facts.pk` order.
 
     A composite key is given as a tuple in key order or a dict by attribute.
     """
     pk, model = facts.pk, facts.model
     if len(pk) == 1:
-        return (coerce_value(model, pk[0], id),)
+        return (coerce_value(model, pk[0], id, dialect),)
     if isinstance(id, dict) and set(id) == set(pk):
         values = [id[key] for key in pk]
     elif isinstance(id, (tuple, list)) and len(id) == len(pk):
@@ -359,7 +369,8 @@ def key_values(facts: Facts, id: Any) -> tuple[Any, ...]:
         msg = f"{model.__name__} has a composite key {pk}: give a tuple or dict"
         raise ValidationError(msg, field="id")
     return tuple(
-        coerce_value(model, key, value) for key, value in zip(pk, values, strict=True)
+        coerce_value(model, key, value, dialect)
+        for key, value in zip(pk, values, strict=True)
     )
 
 

@@ -15,14 +15,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
 import pydantic
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Enum,
+    Float,
     Integer,
+    Numeric,
     SmallInteger,
     String,
     TypeDecorator,
@@ -95,14 +97,30 @@ def _adapter(model: type[Any], name: str) -> pydantic.TypeAdapter[Any]:
     if adapter is None:
         field = model.model_fields.get(name)
         annotation: Any = Any if field is None else field.annotation
+        # A field that allows NaN / infinities (`allow_inf_nan`) may be
+        # filtered by them; `check_non_finite` decides per database.
+        allows = [
+            item
+            for item in ([] if field is None else field.metadata)
+            if getattr(item, "allow_inf_nan", None) is not None
+        ]
+        if allows:
+            annotation = Annotated[annotation, *allows]
         # Strict on type, lax on form: "5" for an int column is fine (query
         # strings are text), "abc" is not.
         adapter = _ADAPTERS[key] = pydantic.TypeAdapter(annotation)
     return adapter
 
 
-def coerce_value(model: type[Any], name: str, value: Any) -> Any:
-    """Validate `value` for column `name` of `model` (`ValidationError` if wrong)."""
+def coerce_value(
+    model: type[Any], name: str, value: Any, dialect: str | None = None
+) -> Any:
+    """Validate `value` for column `name` of `model` (`ValidationError` if wrong).
+
+    `dialect` (`"postgresql"`, `"sqlite"`) is the database the value goes
+    to; `None`: either, so values one of them would lose are refused (see
+    `check_non_finite`).
+    """
     if value is None:
         return None
     if type(value) is not int and name in _int_fields(model):
@@ -121,6 +139,8 @@ def coerce_value(model: type[Any], name: str, value: Any) -> Any:
         msg = f"bad value for {name!r}: give a timezone-aware datetime"
         raise ValidationError(msg, field=name)
     _check_value(_int_ranges(model), name, result)
+    if name in _non_finite_columns(model):
+        check_non_finite(model, name, result, dialect)
     return result
 
 
@@ -153,17 +173,25 @@ def check_text(name: str, value: str) -> str:
     return value
 
 
-def check_storable(model: type[Any], values: Mapping[str, Any]) -> None:
+def check_storable(
+    model: type[Any], values: Mapping[str, Any], dialect: str | None = None
+) -> None:
     """Refuse values of `model`'s fields that its columns cannot store.
 
     Text is checked by `check_text`; an int must lie in its column type's
     range (`SmallInteger` 16, `Integer` 32, `BigInteger` 64 bits, as
     PostgreSQL stores them; SQLite is held to the same ranges so both
-    databases take the same values).
+    databases take the same values); NaN and infinities in float and
+    numeric columns by `check_non_finite` for `dialect`.
     """
     ranges = _int_ranges(model)
     for name, value in values.items():
         _check_value(ranges, name, value)
+    special = _non_finite_columns(model)
+    if special:
+        for name, value in values.items():
+            if name in special:
+                check_non_finite(model, name, value, dialect)
 
 
 def _check_value(ranges: Mapping[str, tuple[int, int]], name: str, value: Any) -> None:
@@ -173,7 +201,9 @@ def _check_value(ranges: Mapping[str, tuple[int, int]], name: str, value: Any) -
         check_int(name, value, ranges[name])
 
 
-def check_storable_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> None:
+def check_storable_rows(
+    model: type[Any], rows: Sequence[Mapping[str, Any]], dialect: str | None = None
+) -> None:
     """`check_storable` for many rows of the same fields, column by column.
 
     A field whose values are all text is checked as one joined string; one
@@ -183,8 +213,12 @@ def check_storable_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> 
     if not rows:
         return
     ranges = _int_ranges(model)
+    special = _non_finite_columns(model)
     for name in rows[0]:
         values = [row[name] for row in rows]
+        if name in special:
+            for value in values:
+                check_non_finite(model, name, value, dialect)
         sample = next((value for value in values if value is not None), None)
         if isinstance(sample, str):
             try:
@@ -201,6 +235,69 @@ def check_storable_rows(model: type[Any], rows: Sequence[Mapping[str, Any]]) -> 
             if min(ints) < low or max(ints) > high:
                 for value in ints:
                     check_int(name, value, ranges[name])
+
+
+#: `_non_finite_columns`: model -> {float or numeric field: bounded numeric?}.
+_SPECIAL: dict[type[Any], dict[str, bool]] = {}
+
+
+def _non_finite_columns(model: type[Any]) -> dict[str, bool]:
+    """Fields of `model` in a float or numeric column: is it a `Numeric(p, s)`?"""
+    found = _SPECIAL.get(model)
+    if found is None:
+        found = {}
+        for name, column in _columns(model).items():
+            kind = _stored_type(column)
+            if isinstance(kind, Float):  # not a Numeric in SQLAlchemy 2.1
+                found[name] = False
+            elif isinstance(kind, Numeric):
+                found[name] = kind.precision is not None
+        _SPECIAL[model] = found
+    return found
+
+
+def check_non_finite(
+    model: type[Any], name: str, value: object, dialect: str | None
+) -> None:
+    """Refuse a NaN or infinity that `dialect` would store wrong, lose or mismatch.
+
+    PostgreSQL stores and compares NaN (`NaN = NaN`) and infinities, except
+    an infinity in a `Numeric(p, s)` (overflow); SQLite binds NaN as NULL,
+    losing it (a filter then compares with NULL). So NaN is refused unless
+    the dialect is PostgreSQL; an infinity for a numeric column with a
+    precision is refused on both databases, as ints outside their column's
+    range are (PostgreSQL casts a filter's value to the column's type too);
+    a signalling NaN always. Decimal fields refuse both unless they allow them
+    (pydantic's `allow_inf_nan`); float fields allow them. See
+    docs/filters.md for the measurements.
+    """
+    if isinstance(value, float):
+        if value - value == 0.0:  # finite (NaN and infinities give NaN)
+            return
+        nan = value != value
+    elif isinstance(value, Decimal):
+        if value.is_finite():
+            return
+        if value.is_snan():
+            _refuse_non_finite(name, "a signalling NaN cannot be stored as itself")
+        nan = value.is_nan()
+    else:
+        return
+    if nan:
+        if dialect != "postgresql":
+            where = "on SQLite" if dialect == "sqlite" else "unless on PostgreSQL"
+            problem = f"NaN is refused {where} (SQLite stores it as NULL)"
+            _refuse_non_finite(name, problem)
+    elif _non_finite_columns(model).get(name):
+        _refuse_non_finite(
+            name, "a numeric column with a precision cannot hold an infinity"
+        )
+
+
+def _refuse_non_finite(name: str, problem: str) -> None:
+    error = {"field": name, "message": problem, "type": "number_not_storable"}
+    msg = f"{name!r}: {problem}"
+    raise ValidationError(msg, field=name, details={"errors": [error]})
 
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,40}")
@@ -344,7 +441,7 @@ def _like_value(model: type[Any], name: str, value: Any) -> str:
     return check_text(name, value)
 
 
-def _many(model: type[Any], name: str, value: Any) -> list[Any]:
+def _many(model: type[Any], name: str, value: Any, dialect: str | None) -> list[Any]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         msg = f"{name!r}: in / not_in need a list of values"
         raise ValidationError(msg, field=name)
@@ -352,7 +449,7 @@ def _many(model: type[Any], name: str, value: Any) -> list[Any]:
     if len(values) > MAX_IN_VALUES:
         msg = f"{name!r}: at most {MAX_IN_VALUES} values in one in / not_in filter"
         raise ValidationError(msg, field=name)
-    return [coerce_value(model, name, item) for item in values]
+    return [coerce_value(model, name, item, dialect) for item in values]
 
 
 Builder = Callable[[Any, Any], ColumnElement[bool]]
@@ -401,7 +498,7 @@ class Term:
         return _COMPARISONS[self.op](column, self.value if value is None else value)
 
 
-def _term(model: type[Any], key: object, value: Any) -> Term:
+def _term(model: type[Any], key: object, value: Any, dialect: str | None) -> Term:
     if not isinstance(key, str):
         msg = f"filter keys must be str, got {type(key).__name__}"
         raise ValidationError(msg, field=str(key)[:64])
@@ -422,39 +519,52 @@ def _term(model: type[Any], key: object, value: Any) -> Term:
             raise ValidationError(msg, field=name)
         return Term(name, op, value)
     if op in ("in", "not_in"):
-        return Term(name, op, _many(model, name, value))
+        return Term(name, op, _many(model, name, value, dialect))
     if op in ("like", "ilike"):
         return Term(name, op, _like_value(model, name, value))
     if value is None and op not in ("eq", "ne"):
         msg = f"{key!r} cannot compare with null; use {name}__is_null"
         raise ValidationError(msg, field=name)
-    return Term(name, op, coerce_value(model, name, value))
+    return Term(name, op, coerce_value(model, name, value, dialect))
 
 
-def parse_filters(model: type[Any], filters: Mapping[str, Any] | object) -> list[Term]:
+def parse_filters(
+    model: type[Any], filters: Mapping[str, Any] | object, dialect: str | None = None
+) -> list[Term]:
     """Check `{"field__op": value}` against `model` and return its terms.
 
+    `dialect` is the database the filter runs on (`None`: either one).
+
     Raises:
-        ValidationError: an unknown field or operator, or a value of the wrong type.
+        ValidationError: an unknown field or operator, or a value of the wrong
+            type or one the database would not compare faithfully (NaN on
+            SQLite).
     """
     if not filters:
         return []
     if not isinstance(filters, Mapping):
         msg = f"filters must be a mapping, got {type(filters).__name__}"
         raise ValidationError(msg, field="filters")
-    return [_term(model, key, value) for key, value in filters.items()]
+    return [_term(model, key, value, dialect) for key, value in filters.items()]
 
 
 def build_filters(
-    model: type[Any], filters: Mapping[str, Any] | object
+    model: type[Any],
+    filters: Mapping[str, Any] | object,
+    dialect: str | None = None,
 ) -> list[ColumnElement[bool]]:
     """Turn `{"field__op": value}` into criteria on `model`'s columns.
 
+    `dialect` is the database the criteria run on (`"postgresql"`,
+    `"sqlite"`; `None`: either one, so a NaN is refused).
+
     Raises:
-        ValidationError: an unknown field or operator, or a value of the wrong type.
+        ValidationError: an unknown field or operator, or a value of the wrong
+            type or one the database would not compare faithfully.
     """
     return [
-        term.clause(getattr(model, term.name)) for term in parse_filters(model, filters)
+        term.clause(getattr(model, term.name))
+        for term in parse_filters(model, filters, dialect)
     ]
 
 

@@ -1,16 +1,26 @@
-"""Text no database stores is refused before any SQL, on every write and route."""
+"""Values no database stores as given are refused before any SQL, on every route.
+
+Text with NUL or lone surrogates, ints a column would truncate or coerce,
+and NaN or infinities where the database would lose or refuse them.
+"""
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import pytest
-from sqlalchemy import event
+from sqlalchemy import Numeric, event
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, select
 
-from dotmac_core import AsyncRepository, Database, ValidationError
+from dotmac_core import AsyncRepository, Database, DBBaseModel, ValidationError
+from dotmac_core.db._validation import validated_rows, validated_values
+from dotmac_core.db.filters import parse_filters
 
 from ..models import Member
 
@@ -186,3 +196,209 @@ async def test_ints_given_exactly_are_accepted(given: object, stored: int) -> No
     assert await Members().count({"rank__in": [given]}) == 1
     updated = await Members().update(made.id, {"rank": given, "balance_cents": given})
     assert (updated.rank, updated.balance_cents) == (stored, stored)
+
+
+# --- NaN and infinities in float and numeric columns ---------------------------------
+
+
+class HvNumber(DBBaseModel, table=True):
+    """Float and numeric columns; the Decimal fields allow NaN and infinities."""
+
+    floating: float = 0.0
+    opt_floating: float | None = None
+    ratio: Annotated[Decimal, pydantic.Field(allow_inf_nan=True)] = Field(
+        default=Decimal(0), sa_type=Numeric()
+    )
+    money: Annotated[Decimal | None, pydantic.Field(allow_inf_nan=True)] = Field(
+        default=None, sa_type=Numeric(12, 2)
+    )
+
+
+class Numbers(AsyncRepository[HvNumber]):
+    """Rows of float and numeric columns."""
+
+
+#: SQLite stores NUMERIC as REAL; SQLAlchemy warns when it reads one there.
+DECIMAL_ON_SQLITE = pytest.mark.filterwarnings(
+    r"ignore:Dialect sqlite\+aiosqlite does \*not\* support Decimal objects"
+    r":sqlalchemy.exc.SAWarning"
+)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, NaN counting as equal to NaN."""
+    return a == b or (a != a and b != b)
+
+
+@DECIMAL_ON_SQLITE
+async def test_what_each_database_stores(db: Database) -> None:
+    """The facts the rules below rest on, written with a plain session (no checks).
+
+    PostgreSQL keeps NaN and infinities in double precision and numeric
+    (NaN in a Numeric(12, 2) too). SQLite keeps the infinities, even in a
+    Numeric(12, 2), and binds NaN as NULL: lost in a nullable column, a
+    NOT NULL violation in another.
+    """
+    postgres = db.dialect == "postgresql"
+    async with db.session() as session:
+        row = HvNumber(
+            floating=-INF,
+            opt_floating=NAN,
+            ratio=Decimal("NaN") if postgres else Decimal("Infinity"),
+            money=Decimal("NaN") if postgres else Decimal("-Infinity"),
+        )
+        session.add(row)
+        await session.commit()
+        stored = (await session.exec(select(HvNumber))).one()
+        await session.refresh(stored)
+        assert stored.floating == -INF
+        if postgres:
+            assert stored.opt_floating is not None
+            assert math.isnan(stored.opt_floating)
+            assert stored.ratio.is_nan()
+            assert stored.money is not None
+            assert stored.money.is_nan()
+        else:
+            assert stored.opt_floating is None  # NaN lost
+            assert (stored.ratio, stored.money) == (
+                Decimal("Infinity"),
+                Decimal("-Infinity"),
+            )
+            session.add(HvNumber(floating=NAN))
+            with pytest.raises(IntegrityError, match="NOT NULL"):
+                await session.commit()
+
+
+NUMBER_WRITES: dict[str, Callable[[dict[str, Any], Any], Awaitable[object]]] = {
+    "create": lambda data, _: Numbers().create(data),
+    "create_many": lambda data, _: Numbers().create_many([{}, data]),
+    "update": lambda data, made: Numbers().update(made.id, data),
+    "upsert": lambda data, made: Numbers().upsert({"id": made.id, **data}),
+    "update_many": lambda data, _: Numbers().update_many({}, data),
+    "list": lambda data, _: Numbers().list(data),
+    "count in": lambda data, _: Numbers().count(
+        {f"{name}__in": [value] for name, value in data.items()}
+    ),
+}
+FILTERS = {"list", "count in"}
+
+
+@DECIMAL_ON_SQLITE
+@pytest.mark.parametrize("call", sorted(NUMBER_WRITES))
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("floating", INF),
+        ("floating", -INF),
+        ("opt_floating", INF),
+        ("ratio", Decimal("Infinity")),
+        ("ratio", Decimal("-Infinity")),
+    ],
+)
+async def test_infinities_are_stored_and_compared_as_given(
+    call: str, field: str, value: object
+) -> None:
+    """+/- infinity in a float or unbounded numeric column: kept, on both databases."""
+    made = await Numbers().create({})
+    await NUMBER_WRITES[call]({field: value}, made)
+    written = [
+        row for row in await Numbers().list() if _same(getattr(row, field), value)
+    ]
+    assert len(written) == (0 if call in FILTERS else 1)
+    assert await Numbers().count({field: value}) == len(written)
+
+
+@DECIMAL_ON_SQLITE
+@pytest.mark.parametrize("call", sorted(NUMBER_WRITES))
+async def test_infinity_in_a_numeric_with_precision_is_refused(
+    db: Database, call: str
+) -> None:
+    """A Numeric(12, 2) cannot hold an infinity on PostgreSQL: refused on both.
+
+    Filters too: PostgreSQL casts the value to the column's type (overflow).
+    """
+    made = await Numbers().create({"money": Decimal("1.50")})
+    for value in (Decimal("Infinity"), Decimal("-Infinity"), INF):
+        with pytest.raises(ValidationError) as caught:
+            await NUMBER_WRITES[call]({"money": value}, made)
+        assert caught.value.field == "money"
+    assert [row.money for row in await Numbers().list()] == [Decimal("1.50")]
+
+
+NAN_VALUES = [
+    ("floating", NAN),
+    ("opt_floating", NAN),
+    ("floating", Decimal("NaN")),
+    ("ratio", Decimal("NaN")),
+    ("ratio", NAN),
+    ("money", Decimal("NaN")),
+]
+
+
+@DECIMAL_ON_SQLITE
+@pytest.mark.parametrize("call", sorted(NUMBER_WRITES))
+async def test_nan_is_refused_where_it_would_be_lost(db: Database, call: str) -> None:
+    """NaN on SQLite (stored as NULL, compared as NULL): a ValidationError, no SQL.
+
+    A signalling NaN, which no database keeps as itself, is refused everywhere.
+    """
+    made = await Numbers().create({})
+    sent: list[str] = []
+
+    def spy(*args: Any) -> None:
+        sent.append(str(args[2]))
+
+    values = [*NAN_VALUES, ("ratio", Decimal("sNaN"))]
+    if db.dialect == "postgresql":
+        values = values[-1:]
+    event.listen(db.engine.sync_engine, "before_cursor_execute", spy)
+    try:
+        for field, value in values:
+            with pytest.raises(ValidationError) as caught:
+                await NUMBER_WRITES[call]({field: value}, made)
+            assert caught.value.field == field, value
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", spy)
+    assert sent == []
+    assert len(await Numbers().list()) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)
+@pytest.mark.parametrize("call", sorted(NUMBER_WRITES))
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValidationError,
+    reason=(
+        "AsyncRepository does not yet tell the checks which database a call "
+        "runs on (dialect=), so NaN is refused as it would be on SQLite"
+    ),
+)
+async def test_nan_is_stored_and_compared_on_postgresql(call: str) -> None:
+    """PostgreSQL keeps NaN in double precision and numeric, and NaN = NaN there."""
+    made = await Numbers().create({})
+    for field, value in NAN_VALUES:
+        await NUMBER_WRITES[call]({field: value}, made)
+    assert await Numbers().count({"floating": NAN}) >= (
+        call not in {"list", "count in"}
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), NAN_VALUES)
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite", None])
+def test_nan_rules_per_dialect(field: str, value: object, dialect: str | None) -> None:
+    """The checks take NaN for PostgreSQL only; an unknown database is either."""
+    checks = [
+        lambda: validated_values(HvNumber, {field: value}, dialect),
+        lambda: validated_rows(HvNumber, [{field: value}], dialect),
+        lambda: parse_filters(HvNumber, {field: value}, dialect),
+    ]
+    for check in checks:
+        if dialect == "postgresql":
+            check()
+        else:
+            with pytest.raises(ValidationError) as caught:
+                check()
+            assert caught.value.field == field
