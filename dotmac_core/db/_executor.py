@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import anyio
+
 from sqlalchemy.orm import RelationshipDirection
 
 from ..exceptions import translate_errors
@@ -155,10 +157,19 @@ async def session_driver(
             return None
     connection, raw = known
     connected: Any = raw.driver_connection
-    if not driver.in_transaction(connected) and not await _begin_now(
-        raw.dbapi_connection
-    ):
-        return None
+    if not driver.in_transaction(connected):
+        try:
+            begun = await _begin_now(raw.dbapi_connection)
+        except BaseException:
+            # Cut off (cancelled) or failed with its BEGIN under way: the server
+            # may hold a transaction the adapter does not know of, so the
+            # connection must never go back to the pool (as SQLAlchemy does
+            # with a statement cut off the same way).
+            with anyio.CancelScope(shield=True):
+                await connection.invalidate()
+            raise
+        if not begun:
+            return None
     return driver, connected, connection
 
 
