@@ -25,7 +25,6 @@ import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
-
 from sqlalchemy.orm import RelationshipDirection
 
 from ..exceptions import translate_errors
