@@ -20,16 +20,14 @@ from ..tenancy import current_user_id
 from ._facts import MAX_SHAPES, Deleted, Facts, Scoping
 from ._rows import batch_allocation
 from ._types import utc_now, uuid7, uuid7_batch
-from .filters import (
-    OrderBy,
-    OrderSpec,
+from ._values import (
+    Dialect,
     check_int_inputs,
     check_int_rows,
     check_storable,
     check_storable_rows,
-    coerce_value,
-    parse_order_by,
 )
+from .filters import OrderBy, OrderSpec, coerce_value, parse_order_by
 from .models import stamp_tenant
 from .pagination import MAX_ROWS
 from .scoping import current_scope
@@ -95,7 +93,7 @@ def input_model(model: type[Any]) -> type[pydantic.BaseModel]:
 
 
 def validated_values(
-    model: type[Any], data: object, dialect: str | None = None
+    model: type[Any], data: object, dialect: Dialect = None
 ) -> dict[str, Any]:
     """Validate `data` for `model`; return every field's value, defaults filled in.
 
@@ -118,7 +116,7 @@ _LIST_ADAPTERS: dict[type[Any], pydantic.TypeAdapter[list[Any]]] = {}
 
 
 def validated_rows(
-    model: type[Any], items: Iterable[object], dialect: str | None = None
+    model: type[Any], items: Iterable[object], dialect: Dialect = None
 ) -> list[dict[str, Any]]:
     """`validated_values` for many items, validated in one pass.
 
@@ -228,7 +226,7 @@ def validate_field(model: type[Any], name: str, value: Any) -> Any:
 
 
 def validated_changes(
-    facts: Facts, data: Mapping[str, Any], dialect: str | None = None
+    facts: Facts, data: Mapping[str, Any], dialect: Dialect = None
 ) -> dict[str, Any]:
     """Validate a partial update: known, changeable fields with valid values.
 
@@ -353,7 +351,7 @@ def scoping_for(
     return Scoping(tenant, deleted)
 
 
-def key_values(facts: Facts, id: Any, dialect: str | None = None) -> tuple[Any, ...]:
+def key_values(facts: Facts, id: Any, dialect: Dialect = None) -> tuple[Any, ...]:
     """The primary key `id` as checked values in `Facts.pk` order.
 
     A composite key is given as a tuple in key order or a dict by attribute.
