@@ -20,6 +20,7 @@ runs; this module only shapes the results.
 from __future__ import annotations
 
 import builtins
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from sqlalchemy import inspect
@@ -112,6 +113,9 @@ class AsyncRepository(Generic[ModelT]):
         self._session = session
         self._db = db
         self._security = security
+        # The checks call it only for a value whose fate depends on the
+        # database (a NaN), so the hot path pays nothing for the lookup.
+        self._dialect = functools.partial(_executor.dialect_of, session, db)
         # Looked up here, not at class definition: relationships may name
         # classes defined later.
         self._f: Facts = facts_of(self.model)
@@ -138,11 +142,7 @@ class AsyncRepository(Generic[ModelT]):
 
     async def _rows(self, query: Query) -> builtins.list[ModelT]:
         objects = (await _executor.rows(query, **self._context())).objects
-        if (
-            query.write
-            and self._f.float_keys
-            and _executor.dialect_of(self._session, self._db) == "sqlite"
-        ):
+        if query.write and self._f.float_keys and self._dialect() == "sqlite":
             _rows.floats_as_read(self._f, objects)
         return objects
 
@@ -151,9 +151,8 @@ class AsyncRepository(Generic[ModelT]):
     ) -> ModelT | None:
         """Return the row with this primary key, or `None`."""
         scoping = self._scoping("loading", include_deleted=include_deleted)
-        query = build.get(
-            self._f, key_values(self._f, id), scoping, load=relationships(self._f, load)
-        )
+        key = key_values(self._f, id, self._dialect)
+        query = build.get(self._f, key, scoping, load=relationships(self._f, load))
         rows = await self._rows(query)
         return rows[0] if rows else None
 
@@ -195,7 +194,7 @@ class AsyncRepository(Generic[ModelT]):
         check_bounds(limit=limit, offset=offset)
         query = build.rows(
             self._f,
-            parse_filters(self.model, filters),
+            parse_filters(self.model, filters, self._dialect),
             self._scoping(
                 "querying", include_deleted=include_deleted, only_deleted=only_deleted
             ),
@@ -216,7 +215,7 @@ class AsyncRepository(Generic[ModelT]):
         """Return how many rows match `filters`."""
         query = build.count(
             self._f,
-            parse_filters(self.model, filters),
+            parse_filters(self.model, filters, self._dialect),
             self._scoping(
                 "querying", include_deleted=include_deleted, only_deleted=only_deleted
             ),
@@ -232,7 +231,7 @@ class AsyncRepository(Generic[ModelT]):
         """Return whether any row matches `filters`."""
         query = build.exists(
             self._f,
-            parse_filters(self.model, filters),
+            parse_filters(self.model, filters, self._dialect),
             self._scoping("querying", include_deleted=include_deleted),
         )
         return await _executor.scalar(query, **self._context()) is not None
@@ -253,7 +252,7 @@ class AsyncRepository(Generic[ModelT]):
             AlreadyExistsError: a unique key is taken.
             TenantError: the row belongs to another tenant, or none is set.
         """
-        values = validated_values(self.model, data)
+        values = validated_values(self.model, data, self._dialect)
         self._check_new((values,))
         (row,) = await self._rows(writes.insert(self._f, values))
         if isinstance(data, self.model):
@@ -269,7 +268,7 @@ class AsyncRepository(Generic[ModelT]):
         `_bulk.py`): one `COPY` on PostgreSQL where it can be, else
         SQLAlchemy's batched bulk INSERT.
         """
-        rows = validated_rows(self.model, items)
+        rows = validated_rows(self.model, items, self._dialect)
         if not rows:
             return []
         self._check_new(rows)
@@ -288,13 +287,13 @@ class AsyncRepository(Generic[ModelT]):
             NotFoundError: no such row (for this tenant).
             ValidationError: a field is unknown, protected or invalid.
         """
-        changes = validated_changes(self._f, data)
+        changes = validated_changes(self._f, data, self._dialect)
         if not changes:
             row = await self.get_by_id(id)
             if row is None:
                 raise self._not_found(id)
             return row
-        key = key_values(self._f, id)
+        key = key_values(self._f, id, self._dialect)
         rows = await self._rows(
             writes.update(self._f, key, changes, self._scoping("update of"))
         )
@@ -306,10 +305,10 @@ class AsyncRepository(Generic[ModelT]):
         self, filters: Mapping[str, Any] | None, data: Mapping[str, Any]
     ) -> int:
         """Apply `data` to every row matching `filters`; return how many changed."""
-        changes = validated_changes(self._f, data)
+        changes = validated_changes(self._f, data, self._dialect)
         if not changes:
             return 0
-        terms = parse_filters(self.model, filters)
+        terms = parse_filters(self.model, filters, self._dialect)
         query = writes.update_where(self._f, terms, changes, self._scoping("update of"))
         return await _executor.rowcount(query, **self._context())
 
@@ -322,7 +321,7 @@ class AsyncRepository(Generic[ModelT]):
         Returns:
             Whether a row was deleted.
         """
-        key = key_values(self._f, id)
+        key = key_values(self._f, id, self._dialect)
         if not hard and self._f.soft_delete:
             query = writes.update_where(
                 self._f,
@@ -351,9 +350,8 @@ class AsyncRepository(Generic[ModelT]):
             msg = f"{self.model.__name__} has no soft delete: nothing to restore"
             raise ValidationError(msg, field="id")
         scoping = self._scoping("restore of", only_deleted=True)
-        query = writes.update(
-            self._f, key_values(self._f, id), {"deleted_at": None}, scoping
-        )
+        key = key_values(self._f, id, self._dialect)
+        query = writes.update(self._f, key, {"deleted_at": None}, scoping)
         rows = await self._rows(query)
         if not rows:
             raise self._not_found(id)
@@ -374,12 +372,11 @@ class AsyncRepository(Generic[ModelT]):
             AlreadyExistsError: the key is taken by another tenant's row.
         """
         facts = self._f
-        values = validated_values(self.model, data)
+        values = validated_values(self.model, data, self._dialect)
         target = conflict_target(facts, conflict_on)
         self._check_new((values,))
         updates = upsert_updates(facts, data, target)
-        dialect = _executor.dialect_of(self._session, self._db)
-        query = writes.upsert(facts, dialect, values, target, updates)
+        query = writes.upsert(facts, self._dialect(), values, target, updates)
         rows = await self._rows(query)
         if not rows:
             msg = f"{self.model.__name__} key {builtins.list(target)} is taken"
@@ -411,7 +408,7 @@ class AsyncRepository(Generic[ModelT]):
             size = per_page
         check_page(page, size, MAX_PAGE_SIZE)
         offset = (page - 1) * size
-        terms = parse_filters(self.model, filters)
+        terms = parse_filters(self.model, filters, self._dialect)
         scoping = self._scoping("querying", include_deleted=include_deleted)
         # With the total, whether a page follows is known from it; without,
         # one row more than the page says so.
@@ -482,7 +479,7 @@ class AsyncRepository(Generic[ModelT]):
             position = cursor_position(cursor, binding, adapter, self._security)
         query = build.rows(
             facts,
-            parse_filters(self.model, filters),
+            parse_filters(self.model, filters, self._dialect),
             self._scoping("querying"),
             order,
             limit=size,

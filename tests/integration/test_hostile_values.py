@@ -368,14 +368,6 @@ async def test_nan_is_refused_where_it_would_be_lost(db: Database, call: str) ->
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgres"], indirect=True)
 @pytest.mark.parametrize("call", sorted(NUMBER_WRITES))
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValidationError,
-    reason=(
-        "AsyncRepository does not yet tell the checks which database a call "
-        "runs on (dialect=), so NaN is refused as it would be on SQLite"
-    ),
-)
 async def test_nan_is_stored_and_compared_on_postgresql(call: str) -> None:
     """PostgreSQL keeps NaN in double precision and numeric, and NaN = NaN there."""
     made = await Numbers().create({})
@@ -402,3 +394,21 @@ def test_nan_rules_per_dialect(field: str, value: object, dialect: str | None) -
             with pytest.raises(ValidationError) as caught:
                 check()
             assert caught.value.field == field
+
+
+def test_database_is_looked_up_only_for_a_nan() -> None:
+    """A callable dialect is called for a NaN only, so other values cost no lookup."""
+    calls: list[str] = []
+
+    def dialect() -> str:
+        calls.append("looked up")
+        return "postgresql"
+
+    values = {"floating": 1.5, "opt_floating": INF, "ratio": Decimal("2.5")}
+    validated_values(HvNumber, values, dialect)
+    validated_rows(HvNumber, [values, values], dialect)
+    parse_filters(HvNumber, {**values, "floating__in": [1.0, -INF]}, dialect)
+    assert calls == []
+    validated_values(HvNumber, {"floating": NAN}, dialect)
+    parse_filters(HvNumber, {"ratio": Decimal("NaN")}, dialect)
+    assert calls == ["looked up", "looked up"]
