@@ -272,23 +272,32 @@ _warned_process_secret = False
 
 
 def _process_secret() -> SecretStr:
-    """Return this process's random cursor key, warning the first time it is used."""
+    """Return this process's random cursor key (`_note_key_use` warns on its use)."""
+    return SecretStr(_PROCESS_SECRET)
+
+
+def _note_key_use(key: str) -> None:
+    """Log a WARNING, once per process, when `key` is the random process key.
+
+    Called where a cursor is signed or verified, not where a `SecurityConfig`
+    is made: one made only to read the header names has nothing to warn of.
+    """
     global _warned_process_secret
-    if not _warned_process_secret:
+    if not _warned_process_secret and key == _PROCESS_SECRET:
         _warned_process_secret = True
         logger.warning(
             "DOTMAC_SECURITY_SECRET_KEY is not set: this process signs pagination "
             "cursors with a random key of its own, so other processes (workers, "
             "replicas, restarts) reject its cursors; set the variable to share one"
         )
-    return SecretStr(_PROCESS_SECRET)
 
 
 class SecurityConfig(_Settings):
     """Secrets and request conventions (`DOTMAC_SECURITY_*`).
 
     Without `DOTMAC_SECURITY_SECRET_KEY` a random key is made once per process
-    (and a WARNING logged the first time it is used): fine for one process, but
+    (and a WARNING logged the first time it signs or verifies a cursor, not
+    when a `SecurityConfig` is made): fine for one process, but
     each worker then rejects the cursors of the others, so set it whenever
     several processes (or a restart) must accept each other's cursors.
     """

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import pydantic
 from pydantic import AliasChoices, Field
 
-from ..config import SecurityConfig
+from ..config import SecurityConfig, _note_key_use
 from ..exceptions import ValidationError
 
 if TYPE_CHECKING:
@@ -139,13 +139,18 @@ _DEFAULT_KEYS: dict[str | None, bytes] = {}
 
 def _key(security: SecurityConfig | None) -> bytes:
     if security is not None:
-        return security.secret_key.get_secret_value().encode()
+        secret = security.secret_key.get_secret_value()
+        _note_key_use(secret)
+        return secret.encode()
     # Reading the settings costs about 0.1 ms, twice per keyset page: the
-    # default key is read once per value of the variable that sets it.
+    # default key is read once per value of the variable that sets it (and
+    # checked for being the process's random key then, warning once).
     variable = os.environ.get("DOTMAC_SECURITY_SECRET_KEY")
     key = _DEFAULT_KEYS.get(variable)
     if key is None:
-        key = SecurityConfig().secret_key.get_secret_value().encode()
+        secret = SecurityConfig().secret_key.get_secret_value()
+        _note_key_use(secret)
+        key = secret.encode()
         _DEFAULT_KEYS.clear()
         _DEFAULT_KEYS[variable] = key
     return key

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
 
+import dotmac_core.config as config_module
 from dotmac_core import CacheConfig, ConfigurationError, DatabaseConfig, SecurityConfig
 from dotmac_core.db.database import _pg_options
 
@@ -118,6 +120,22 @@ def test_default_secret_is_stable_within_a_process() -> None:
     first = SecurityConfig().secret_key.get_secret_value()
     assert len(first) >= 32
     assert SecurityConfig().secret_key.get_secret_value() == first
+
+
+def test_making_a_config_without_a_key_logs_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`SecurityConfig()` without a key warns of nothing until a cursor uses it.
+
+    The ASGI middleware makes one just to read the header names.
+    """
+    monkeypatch.delenv("DOTMAC_SECURITY_SECRET_KEY", raising=False)
+    monkeypatch.setattr(config_module, "_warned_process_secret", False)
+    with caplog.at_level(logging.WARNING, logger="dotmac_core.config"):
+        config = SecurityConfig()
+        assert config.tenant_header == "X-Tenant-ID"
+        assert config.secret_key.get_secret_value()
+    assert not [r for r in caplog.records if r.name == "dotmac_core.config"]
 
 
 def test_empty_environment_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:

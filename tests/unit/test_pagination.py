@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pydantic
 import pytest
 
+import dotmac_core.config as config_module
 from dotmac_core import (
     MAX_PAGE_SIZE,
     CursorPage,
@@ -13,6 +16,7 @@ from dotmac_core import (
     SecurityConfig,
     ValidationError,
 )
+from dotmac_core.db import pagination
 from dotmac_core.db.pagination import check_page, decode_cursor, encode_cursor
 
 
@@ -91,3 +95,48 @@ def test_cursor_round_trip_and_tampering() -> None:
         decode_cursor(cursor, "team|rank,id", security)  # another model
     with pytest.raises(ValidationError):
         decode_cursor(cursor, "member|rank,id", SecurityConfig(secret_key="o" * 32))
+
+
+def _key_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "dotmac_core.config" and "SECRET_KEY" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default", "given"])
+def test_random_key_warns_once_on_first_cursor_use(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, given: bool
+) -> None:
+    """Without a configured key, the first cursor signed logs one WARNING.
+
+    Verifying and signing more cursors logs nothing more, whether the key comes
+    from the default `SecurityConfig()` or from one passed in.
+    """
+    monkeypatch.delenv("DOTMAC_SECURITY_SECRET_KEY", raising=False)
+    monkeypatch.setattr(config_module, "_warned_process_secret", False)
+    monkeypatch.setattr(pagination, "_DEFAULT_KEYS", {})
+    with caplog.at_level(logging.WARNING, logger="dotmac_core.config"):
+        security = SecurityConfig() if given else None
+        assert _key_warnings(caplog) == []
+        cursor = encode_cursor("member|id", ["a"], security)
+        assert decode_cursor(cursor, "member|id", security) == ["a"]
+        encode_cursor("member|id", ["b"], security)
+    (warning,) = _key_warnings(caplog)
+    assert warning.levelno == logging.WARNING
+    key = SecurityConfig().secret_key.get_secret_value()
+    assert key not in warning.getMessage()
+
+
+def test_configured_key_never_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key from the environment or an argument signs cursors without a warning."""
+    monkeypatch.setattr(config_module, "_warned_process_secret", False)
+    monkeypatch.setattr(pagination, "_DEFAULT_KEYS", {})
+    monkeypatch.setenv("DOTMAC_SECURITY_SECRET_KEY", "e" * 32)
+    with caplog.at_level(logging.WARNING, logger="dotmac_core.config"):
+        encode_cursor("member|id", ["a"])
+        encode_cursor("member|id", ["a"], SecurityConfig(secret_key="a" * 32))
+    assert _key_warnings(caplog) == []
