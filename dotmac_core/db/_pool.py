@@ -41,12 +41,15 @@ __all__ = [
     "PING_AFTER",
     "blocking_get_awaits",
     "checkout",
+    "connect_hook_supported",
+    "connect_to_the_end",
     "fair_queue_works",
     "install_cancel_safe_terminate",
     "install_fair_queue",
     "install_liveness_check",
     "install_sqlite_reset",
     "install_sync_checkout",
+    "spare_cancel_requests",
 ]
 
 logger = logging.getLogger("dotmac_core.db")
@@ -129,17 +132,73 @@ def install_cancel_safe_terminate(engine: AsyncEngine) -> None:
     graceful = dialect.do_terminate
 
     def do_terminate(dbapi_connection: DBAPIConnection) -> None:
+        driver: Any = dbapi_connection.driver_connection
+        spare_cancel_requests(driver)
         try:
             task = asyncio.current_task()
         except RuntimeError:  # no running loop: the garbage collector's case
             task = None
         if task is not None and task.cancelling():
-            driver: Any = dbapi_connection.driver_connection
             driver.terminate()
             return
         graceful(dbapi_connection)
 
     dialect.do_terminate = do_terminate
+
+
+def spare_cancel_requests(driver: Any) -> None:
+    """Let an asyncpg connection's CancelRequests in flight finish after it closes.
+
+    A statement cut off by a cancellation makes asyncpg send a CancelRequest
+    on a connection of its own, in a background task; closing the
+    connection cancels that task, and one cancelled while it negotiates TLS
+    leaves a future whose exception nobody retrieves (asyncpg issues #1211,
+    #1310). Forgotten by the closing connection, the task finishes on its
+    own, bounded by `command_timeout`, and stops the server's query too.
+    asyncpg keeps the tasks in `_cancellations` (no public accessor); when
+    that is not a set, nothing is done.
+    """
+    pending = getattr(driver, "_cancellations", None)
+    if isinstance(pending, set):
+        pending.clear()
+
+
+async def connect_to_the_end(*args: Any, **kwargs: Any) -> Any:
+    """`asyncpg.connect`, run to its end even when the caller is cancelled.
+
+    A connect cancelled while it negotiates TLS leaves a future whose
+    exception nobody retrieves (asyncpg issues #1211, #1310). So the connect
+    runs in a task of its own; a cancelled caller gives up waiting, and the
+    connection, once made (its own `timeout` bounds that), is closed.
+    """
+    import asyncpg  # type: ignore[import-untyped]  # only PostgreSQL gets here
+
+    task = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except BaseException:
+        task.add_done_callback(_discard_connection)
+        raise
+
+
+def _discard_connection(task: asyncio.Future[Any]) -> None:
+    """Close the connection a connect nobody waits for made (errors retrieved)."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    task.result().terminate()
+
+
+@functools.cache
+def connect_hook_supported() -> bool:
+    """Whether SQLAlchemy's asyncpg adapter takes `async_creator_fn` in its connect.
+
+    That is how `create_async_engine(async_creator=...)` hands it a connect
+    function, with the URL's and `connect_args`' parameters applied as usual.
+    """
+    from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+
+    connect = sa_asyncpg.AsyncAdapt_asyncpg_dbapi.connect
+    return "async_creator_fn" in connect.__code__.co_consts
 
 
 def install_sync_checkout(engine: AsyncEngine) -> None:

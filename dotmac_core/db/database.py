@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
@@ -13,6 +14,7 @@ import anyio
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from .._registry import Default
 from ..config import DatabaseConfig
@@ -20,6 +22,8 @@ from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
 from ._driver import DriverExecutor, register_driver
 from ._pool import (
+    connect_hook_supported,
+    connect_to_the_end,
     install_cancel_safe_terminate,
     install_liveness_check,
     install_sqlite_reset,
@@ -78,9 +82,12 @@ class Database:
         self.url: URL = config.sqlalchemy_url()
         self.dialect: str = config.dialect
         require_database("sqlite" if self.dialect == "sqlite" else "postgresql")
-        options = (
-            _sqlite_options(config) if self.dialect == "sqlite" else _pg_options(config)
-        )
+        if self.dialect == "sqlite":
+            engine_url, options = _check_sqlite_url(self.url), _sqlite_options(config)
+        else:
+            engine_url, url_args = _pg_url_options(self.url)
+            options = _pg_options(config)
+            _merge_connect_args(options["connect_args"], url_args)
         connect_args = engine_options.pop("connect_args", None)
         options.update(engine_options)
         if connect_args is not None:
@@ -88,7 +95,7 @@ class Database:
             # not instead of them.
             computed = options.get("connect_args", {})
             options["connect_args"] = {**computed, **connect_args}
-        self.engine: AsyncEngine = create_async_engine(self.url, **options)
+        self.engine: AsyncEngine = create_async_engine(engine_url, **options)
         # Calls outside a transaction run on the driver (see `_driver.py`),
         # on PostgreSQL and SQLite files. A memory database is one connection
         # shared by every session (StaticPool): no call may run beside a
@@ -238,6 +245,10 @@ def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
     }
     if config.command_timeout is not None:
         connect_args["command_timeout"] = config.command_timeout
+    if connect_hook_supported():
+        # A connect cut off by a cancellation finishes in the background
+        # (asyncpg leaves an unretrieved future otherwise; see _pool.py).
+        connect_args["async_creator_fn"] = connect_to_the_end
     if config.pgbouncer:
         # Transaction-mode poolers hand each transaction to any server
         # connection: named prepared statements must neither be cached by
@@ -250,6 +261,122 @@ def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
         "pool_pre_ping": False,
         "connect_args": connect_args,
     }
+
+
+#: libpq's TLS options, which asyncpg reads from a connection string only:
+#: they reach it as one (`dsn=`), beside the arguments SQLAlchemy passes.
+_PG_DSN_OPTIONS = frozenset(
+    {"sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword"}
+    | {"sslnegotiation", "ssl_min_protocol_version", "ssl_max_protocol_version"}
+)
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: Options SQLAlchemy's asyncpg dialect or `asyncpg.connect` take as they are.
+_PG_PASSED_OPTIONS = frozenset(
+    {"host", "port", "prepared_statement_cache_size", "target_session_attrs"}
+    | {"passfile", "service", "servicefile", "krbsrvname", "gsslib", "ssl"}
+)
+#: `asyncpg.connect` arguments given in the URL as text, and their types.
+_PG_TYPED_OPTIONS: dict[str, type[int] | type[float]] = {
+    "command_timeout": float,
+    "statement_cache_size": int,
+    "max_cached_statement_lifetime": int,
+    "max_cacheable_statement_size": int,
+}
+_SETTING = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def _pg_url_options(url: URL) -> tuple[URL, dict[str, Any]]:
+    """Split a PostgreSQL URL's query into what asyncpg takes and the URL's rest.
+
+    asyncpg takes keyword arguments, not libpq's connection-string options,
+    and SQLAlchemy passes the query on as keywords, so `?sslmode=disable`
+    would fail at connect. Read here: libpq's TLS options (through `dsn=`),
+    `application_name` and `options=-c name=value` (server settings),
+    `connect_timeout` (seconds), and asyncpg's own numeric arguments.
+
+    Raises:
+        ConfigurationError: an option asyncpg cannot use, or a bad value.
+    """
+    args: dict[str, Any] = {}
+    settings: dict[str, str] = {}
+    dsn: dict[str, str] = {}
+    kept: dict[str, Any] = {}
+    for key, given in url.query.items():
+        value = given if isinstance(given, str) else given[-1]
+        if key in _PG_PASSED_OPTIONS:
+            kept[key] = given
+        elif key in _PG_DSN_OPTIONS:
+            if key == "sslmode" and value not in _SSL_MODES:
+                msg = f"sslmode must be one of {', '.join(_SSL_MODES)}"
+                raise ConfigurationError(msg, field="url")
+            dsn[key] = value
+        elif key == "application_name":
+            settings["application_name"] = value
+        elif key == "options":
+            settings.update(_server_options(value))
+        elif key == "connect_timeout":
+            args["timeout"] = _number(key, value, float)
+        elif key in _PG_TYPED_OPTIONS:
+            args[key] = _number(key, value, _PG_TYPED_OPTIONS[key])
+        else:
+            msg = (
+                f"PostgreSQL URL option {key!r} is not one asyncpg takes: write "
+                "server settings as options=-c%20name%3Dvalue (or "
+                "connect_args={'server_settings': {...}}), other driver "
+                "arguments as connect_args={...}"
+            )
+            raise ConfigurationError(msg, field="url")
+    if dsn:
+        args["dsn"] = URL.create("postgresql", query=dsn).render_as_string()
+    if settings:
+        args["server_settings"] = settings
+    return url.set(query=kept), args
+
+
+def _number(key: str, value: str, kind: type[int] | type[float]) -> float:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = -1
+    if number < 0 or (key.endswith("timeout") and number == 0):
+        msg = f"PostgreSQL URL option {key}={value!r}: give a positive number"
+        raise ConfigurationError(msg, field="url")
+    return number
+
+
+def _server_options(value: str) -> dict[str, str]:
+    """libpq's `options` (`-c name=value` or `--name=value`) as server settings."""
+    settings: dict[str, str] = {}
+    words = iter(value.split())
+    for word in words:
+        if word == "-c":
+            pair = next(words, "")
+        elif word.startswith("-c"):
+            pair = word[2:]
+        elif word.startswith("--"):
+            pair = word[2:].replace("-", "_", pair.find("=") if "=" in word else 0)
+        else:
+            pair = ""
+        name, _, setting = pair.partition("=")
+        if not _SETTING.fullmatch(name) or not _:
+            msg = (
+                "PostgreSQL URL option options= takes server settings as "
+                "-c name=value (space-separated)"
+            )
+            raise ConfigurationError(msg, field="url")
+        settings[name] = setting
+    return settings
+
+
+def _merge_connect_args(connect_args: dict[str, Any], url_args: dict[str, Any]) -> None:
+    """Put the URL's driver arguments over the config's (server settings merged)."""
+    settings = url_args.pop("server_settings", None)
+    connect_args.update(url_args)
+    if settings:
+        connect_args["server_settings"] = {
+            **connect_args.get("server_settings", {}),
+            **settings,
+        }
 
 
 def keepalive_options(seconds: float) -> list[tuple[int, int, int]]:
@@ -300,15 +427,61 @@ def _unique_statement_name() -> str:
 
 
 def _is_memory(config: DatabaseConfig) -> bool:
-    database = config.sqlalchemy_url().database
-    return database in (None, "", ":memory:") or "mode=memory" in str(database)
+    """Whether the SQLite URL names an in-memory database.
+
+    `sqlite://`, `sqlite:///:memory:`, and the URI filenames `file::memory:`
+    and `file:name?mode=memory` (with `uri=true`).
+    """
+    url = config.sqlalchemy_url()
+    database = url.database
+    if database in (None, "", ":memory:"):
+        return True
+    if url.query.get("uri") not in _TRUE or not str(database).startswith("file:"):
+        return False
+    path = str(database)[len("file:") :].partition("?")[0]
+    return path == ":memory:" or url.query.get("mode") == "memory"
+
+
+_TRUE = ("1", "true", "True", "yes", "on")
+#: The query options SQLite URLs take without `uri=true`: the sqlite3 module's.
+_SQLITE_DRIVER_OPTIONS = frozenset(
+    {"uri", "timeout", "isolation_level", "detect_types", "check_same_thread"}
+    | {"cached_statements"}
+)
+
+
+def _check_sqlite_url(url: URL) -> URL:
+    """Refuse a SQLite URL whose options SQLAlchemy would drop or misread."""
+    database = url.database or ""
+    if url.query.get("uri") in _TRUE:
+        return url
+    if database.startswith("file:"):
+        msg = (
+            f"SQLite URL names the URI filename {database!r} without uri=true, "
+            "so it would be a file of that name: add uri=true, as in "
+            "sqlite+aiosqlite:///file:name?mode=memory&cache=shared&uri=true"
+        )
+        raise ConfigurationError(msg, field="url")
+    unknown = sorted(set(url.query) - _SQLITE_DRIVER_OPTIONS)
+    if unknown:
+        msg = (
+            f"SQLite URL options {unknown} would be ignored: SQLite URI "
+            "parameters (mode, cache, ...) need a file: filename and uri=true, "
+            "as in sqlite+aiosqlite:///file:app.db?mode=ro&uri=true"
+        )
+        raise ConfigurationError(msg, field="url")
+    return url
 
 
 def _sqlite_options(config: DatabaseConfig) -> dict[str, Any]:
     if _is_memory(config):
-        # SQLAlchemy picks a StaticPool (one shared connection) for memory
-        # databases; pool sizing does not apply.
-        options: dict[str, Any] = {"echo": config.echo}
+        # One shared connection (StaticPool) for a memory database, named
+        # here: SQLAlchemy deprecates choosing it from `mode=memory`. Pool
+        # sizing does not apply. (A shared-cache database behind a pool of
+        # several connections would fail its readers and writers at once
+        # with "database table is locked": SQLite's busy timeout does not
+        # apply to shared-cache table locks.)
+        options: dict[str, Any] = {"echo": config.echo, "poolclass": StaticPool}
     else:
         options = _pool_options(config)
         # A local file has no server to restart: no ping. The reset on return

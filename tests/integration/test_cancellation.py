@@ -229,13 +229,14 @@ async def _end_leaked_transactions(db: Database) -> None:
         )
 
 
-#: The backends the storm runs on. PostgreSQL is not among them yet: there the
-#: storm finds what is still to fix outside this module (asyncpg leaves a
-#: future whose exception nobody retrieves when a connect or a CancelRequest
-#: is cancelled while it negotiates TLS, and under some cancellation timings
-#: pooled connections come back inside a transaction SQLAlchemy does not know
-#: of). Add "postgres" here once those are fixed; the checks stay as they are.
-STORM_BACKENDS = [pytest.param("sqlite", id="sqlite")]
+#: The backends the storm runs on: every one. On PostgreSQL it also holds the
+#: library to leaving no unretrieved asyncpg future behind (connects and
+#: CancelRequests cut off while they negotiate TLS) and no pooled connection
+#: inside a transaction SQLAlchemy does not know of.
+STORM_BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
 
 
 @pytest.mark.parametrize("db", STORM_BACKENDS, indirect=True)
