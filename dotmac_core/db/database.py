@@ -345,23 +345,19 @@ def _number(key: str, value: str, kind: type[int] | type[float]) -> float:
 
 
 def _server_options(value: str) -> dict[str, str]:
-    """libpq's `options` (`-c name=value` or `--name=value`) as server settings."""
+    """The server settings in libpq's `options`: `-c name=value`, `--name=value`."""
     settings: dict[str, str] = {}
     words = iter(value.split())
     for word in words:
-        if word == "-c":
-            pair = next(words, "")
-        elif word.startswith("-c"):
+        pair = next(words, "") if word == "-c" else ""
+        if word.startswith(("--", "-c")) and word != "-c":
             pair = word[2:]
-        elif word.startswith("--"):
-            pair = word[2:].replace("-", "_", pair.find("=") if "=" in word else 0)
-        else:
-            pair = ""
-        name, _, setting = pair.partition("=")
-        if not _SETTING.fullmatch(name) or not _:
+        name, equals, setting = pair.partition("=")
+        name = name.replace("-", "_")
+        if not equals or not _SETTING.fullmatch(name):
             msg = (
                 "PostgreSQL URL option options= takes server settings as "
-                "-c name=value (space-separated)"
+                "-c name=value, separated by spaces"
             )
             raise ConfigurationError(msg, field="url")
         settings[name] = setting
