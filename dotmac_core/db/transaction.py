@@ -9,6 +9,7 @@ the outer one's session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import enum
 import functools
@@ -325,15 +326,22 @@ async def _uninterrupted(
     outcome is settled. Errors of the commit itself are raised.
     """
     task = asyncio.ensure_future(commit)
-    cancelled: asyncio.CancelledError | None = None
-    with anyio.CancelScope(shield=True):  # anyio's cancellations wait too
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError as exc:
+        if task.cancelled():  # the commit itself (the loop is closing)
+            raise
+        cancelled = exc
+    else:
+        return None
+    # Cancelled meanwhile: wait for the commit to settle, shielded from
+    # anyio's cancellations too (they are delivered again at every await).
+    with anyio.CancelScope(shield=True):
         while not task.done():
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(task)
-            except asyncio.CancelledError as exc:
-                if task.cancelled():  # the commit itself (the loop is closing)
-                    raise
-                cancelled = exc  # a plain task.cancel(): wait for the commit
+    if task.cancelled():
+        raise cancelled
     task.result()  # the commit's own error, if it failed
     return cancelled
 
