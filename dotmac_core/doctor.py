@@ -144,7 +144,8 @@ async def _check_database(config: DatabaseConfig, check: Check) -> None:
         check.details.append(_pool_line(config))
         timeouts = (
             f"statement_timeout {config.statement_timeout or 'off'}, "
-            f"command_timeout {config.command_timeout or 'off'}"
+            "command_timeout "
+            + (f"{config.command_timeout:g} s" if config.command_timeout else "off")
         )
         check.details.append(f"timeouts: {timeouts}")
         check.details.append(

@@ -16,8 +16,6 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from .._ratelimit_store import LOCAL_STORE
 from ..cache.service import CacheService, _reset_default_cache, configure_cache
@@ -110,14 +108,14 @@ def _configured_url(config: pytest.Config) -> URL:
 
 
 async def _server_statement(server: URL, statement: str) -> None:
-    engine = create_async_engine(
-        server, poolclass=NullPool, isolation_level="AUTOCOMMIT"
-    )
+    # Through `Database`, so every URL form it accepts works here too.
+    database = Database(server, pool_size=1, max_overflow=0)
+    engine = database.engine.execution_options(isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:
             await conn.exec_driver_sql(statement)
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def _create_tables(url: URL, metadata: MetaData) -> None:

@@ -49,23 +49,6 @@ def test_no_cache_settings_keep_memory() -> None:
     assert create_cache_service().backend_name == "memory"
 
 
-def test_process_key_warns_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Without a configured key, the first use logs one WARNING per process."""
-    monkeypatch.delenv("DOTMAC_SECURITY_SECRET_KEY", raising=False)
-    monkeypatch.setattr(config_module, "_warned_process_secret", False)
-    with caplog.at_level(logging.WARNING, logger="dotmac_core.config"):
-        first = SecurityConfig().secret_key.get_secret_value()
-        second = SecurityConfig().secret_key.get_secret_value()
-    assert first == second
-    warnings = [r for r in caplog.records if r.name == "dotmac_core.config"]
-    assert len(warnings) == 1
-    assert warnings[0].levelno == logging.WARNING
-    assert "DOTMAC_SECURITY_SECRET_KEY" in warnings[0].getMessage()
-    assert first not in warnings[0].getMessage()
-
-
 def test_configured_key_does_not_warn(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

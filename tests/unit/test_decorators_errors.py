@@ -8,7 +8,13 @@ import asyncpg.exceptions
 import pytest
 import redis.exceptions as redis_errors
 
-from dotmac_core import DotMacError, OperationTimeoutError, ServiceError
+from dotmac_core import (
+    DatabaseConnectionError,
+    DatabaseError,
+    DotMacError,
+    OperationTimeoutError,
+    ServiceError,
+)
 from dotmac_core.decorators import is_transient, standard_exception_handler
 from dotmac_core.exceptions import translate_error
 
@@ -53,15 +59,33 @@ def test_connection_errors_become_transient_service_errors(exc: Exception) -> No
     assert error.transient
 
 
-@pytest.mark.parametrize(
-    "exc",
-    [ValueError("v"), LibraryError("lib"), asyncpg.exceptions.InterfaceError("i")],
-)
+@pytest.mark.parametrize("exc", [ValueError("v"), LibraryError("lib")])
 def test_other_errors_become_permanent_service_errors(exc: Exception) -> None:
-    """Other errors, and driver errors with no translation, become ServiceError."""
+    """Other errors become a permanent ServiceError naming their type."""
     error = _raised_by_handler(exc)
     assert type(error) is ServiceError
     assert not error.transient
+    assert type(exc).__name__ in error.message
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected", "transient"),
+    [
+        (
+            asyncpg.exceptions.InterfaceError("connection is closed"),
+            DatabaseConnectionError,
+            True,
+        ),
+        (asyncpg.exceptions.InterfaceError("i"), DatabaseError, False),
+    ],
+)
+def test_bare_asyncpg_client_errors_are_database_errors(
+    exc: Exception, expected: type[DotMacError], transient: bool
+) -> None:
+    """A closed driver connection is a lost connection; other misuse a DatabaseError."""
+    error = _raised_by_handler(exc)
+    assert type(error) is expected
+    assert error.transient is transient
     assert type(exc).__name__ in error.message
 
 
