@@ -413,7 +413,10 @@ async def test_failing_function_shares_its_error_and_caches_nothing(
     async def boom() -> int:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.01)
+        # Long enough for the other callers' lock checks to reach the server
+        # while this one computes, even on a loaded machine (a caller that
+        # arrives after the failure is a new miss and computes again).
+        await asyncio.sleep(0.5)
         raise LookupError("nope")
 
     results = await asyncio.gather(boom(), boom(), boom(), return_exceptions=True)
