@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Union, get_args, get_origin
 
@@ -25,6 +26,7 @@ from sqlalchemy import (
 )
 
 from ..exceptions import ValidationError
+from ._types import UTCDateTime
 
 #: The database a value goes to: its dialect name (`"postgresql"`, `"sqlite"`),
 #: a function returning it, called only when a value depends on it (a NaN), or
@@ -70,6 +72,10 @@ def check_storable(
     ranges = int_ranges(model)
     for name, value in values.items():
         check_value(ranges, name, value)
+    aware = aware_columns(model)
+    if aware:
+        for name in aware & values.keys():
+            check_aware(name, values[name])
     special = non_finite_columns(model)
     if special:
         for name, value in values.items():
@@ -97,8 +103,12 @@ def check_storable_rows(
         return
     ranges = int_ranges(model)
     special = non_finite_columns(model)
+    aware = aware_columns(model)
     for name in rows[0]:
         values = [row[name] for row in rows]
+        if name in aware:
+            for value in values:
+                check_aware(name, value)
         if name in special:
             for value in values:
                 check_non_finite(model, name, value, dialect)
@@ -291,6 +301,28 @@ def stored_type(column: Any) -> Any:
     """The column's type as the database stores it (a `TypeDecorator`'s impl)."""
     kind = column.type
     return kind.impl_instance if isinstance(kind, TypeDecorator) else kind
+
+
+_AWARE: dict[type[Any], frozenset[str]] = {}
+
+
+def aware_columns(model: type[Any]) -> frozenset[str]:
+    """Fields whose column takes only timezone-aware datetimes (`UTCDateTime`)."""
+    found = _AWARE.get(model)
+    if found is None:
+        found = _AWARE[model] = frozenset(
+            name
+            for name, column in columns(model).items()
+            if isinstance(column.type, UTCDateTime)
+        )
+    return found
+
+
+def check_aware(name: str, value: Any) -> None:
+    """Refuse a naive datetime for a column that stores UTC instants."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        msg = f"bad value for {name!r}: give a timezone-aware datetime"
+        raise ValidationError(msg, field=name)
 
 
 _INT_RANGES: dict[type[Any], dict[str, tuple[int, int]]] = {}

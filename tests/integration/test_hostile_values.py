@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -412,3 +413,20 @@ def test_database_is_looked_up_only_for_a_nan() -> None:
     validated_values(HvNumber, {"floating": NAN}, dialect)
     parse_filters(HvNumber, {"ratio": Decimal("NaN")}, dialect)
     assert calls == ["looked up", "looked up"]
+
+
+async def test_naive_datetimes_for_utc_columns_are_refused() -> None:
+    """A naive datetime for a toolkit timestamp is a ValidationError, before SQL."""
+    made = await Members().create({"email": "t@x.io", "name": "t", "rank": 1})
+    naive = datetime(2000, 1, 1)
+    for write in (
+        lambda: Members().update(made.id, {"deleted_at": naive}),
+        lambda: Members().create_many(
+            [{"email": "u@x.io", "name": "u", "rank": 2, "deleted_at": naive}]
+        ),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            await write()
+        assert caught.value.field == "deleted_at"
+    assert (await Members().get_by_id(made.id)).deleted_at is None  # type: ignore[union-attr]
+    assert await Members().count() == 1
