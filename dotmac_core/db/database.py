@@ -519,25 +519,11 @@ def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         options = conn.get_execution_options()
-        begin = "BEGIN IMMEDIATE" if options.get(SQLITE_IMMEDIATE) else "BEGIN"
-        read_only = bool(options.get(SQLITE_READ_ONLY))
-        # One job on aiosqlite's thread, through the adapter's public
-        # `run_async`: a statement through the cursor would take three
-        # (cursor, execute, close).
-        adapted: Any = conn.connection.dbapi_connection
-        try:
-            adapted.run_async(
-                lambda raw: _begin_sqlite(raw, begin, read_only=read_only)
-            )
-        except Exception:
-            raise  # the BEGIN failed (a busy database): nothing was begun
-        except BaseException:
-            # Cut off (cancelled): the BEGIN may still run on aiosqlite's
-            # thread, so the connection is discarded, never pooled mid-BEGIN
-            # (as SQLAlchemy does with a statement cut off the same way).
-            conn.invalidate()
-            raise
-        if read_only:
+        conn.exec_driver_sql(
+            "BEGIN IMMEDIATE" if options.get(SQLITE_IMMEDIATE) else "BEGIN"
+        )
+        if options.get(SQLITE_READ_ONLY):
+            conn.exec_driver_sql("PRAGMA query_only=ON")
             conn.info[SQLITE_READ_ONLY] = True
 
     @event.listens_for(engine.sync_engine, "commit")
@@ -547,13 +533,6 @@ def _install_sqlite_hooks(engine: AsyncEngine, config: DatabaseConfig) -> None:
             return  # discarded, not reused: nothing to switch back
         if conn.info.pop(SQLITE_READ_ONLY, False):
             conn.exec_driver_sql("PRAGMA query_only=OFF")
-
-
-async def _begin_sqlite(raw: Any, begin: str, *, read_only: bool) -> None:
-    """BEGIN (and `query_only` for a read-only transaction) on aiosqlite."""
-    await raw.execute_fetchall(begin)
-    if read_only:
-        await raw.execute_fetchall("PRAGMA query_only=ON")
 
 
 _default: Default[Database] = Default("database", "configure_database")
