@@ -81,6 +81,10 @@ class _Flight:
         #: Set when the key is invalidated meanwhile: the result is not stored.
         self.stale = False
 
+    def retries(self) -> bool:
+        """Whether the (finished) computation was cancelled: callers try again."""
+        return self.future.exception() is None and self.future.result() is _RETRY
+
 
 _FlightKey = tuple[str, tuple[bytes | None, ...] | None]
 
@@ -101,6 +105,11 @@ class Engine:
         #: Operations answered without the backend (see `CacheService.fail_opens`).
         self.fail_opens = FailOpenCounter()
         self.flights: dict[_FlightKey, _Flight] = {}
+        #: Callers of `load` whose read of a key is on its way, by full key.
+        self.reading: dict[str, int] = {}
+        #: Finished flights kept for those readers: their read may predate
+        #: the store, and they join the outcome instead of computing again.
+        self.parked: dict[str, list[_FlightKey]] = {}
 
     # --- guarded backend calls ---------------------------------------------------
 
@@ -300,16 +309,22 @@ class Engine:
     ) -> T:
         """Read through: a hit decoded by `codec`, or one coalesced `factory()`."""
         full = space.key(key)
-        raws, tokens = await self.fetch(space, [full])
-        raw, head = raws[0], head_for(tokens)
-        if raw is not None and head is not None:
-            value = decode(unpack(raw, head), codec, FAILED)
-            if value is not FAILED:
-                return cast("T", value)
-        flight_key: _FlightKey = (full, None if tokens is None else tuple(tokens))
-        while (flight := self.flights.get(flight_key)) is not None:
+        self.reading[full] = self.reading.get(full, 0) + 1
+        try:
+            raws, tokens = await self.fetch(space, [full])
+            raw, head = raws[0], head_for(tokens)
+            if raw is not None and head is not None:
+                value = decode(unpack(raw, head), codec, FAILED)
+                if value is not FAILED:
+                    return cast("T", value)
+            flight_key: _FlightKey = (full, None if tokens is None else tuple(tokens))
+            flight = self.flights.get(flight_key)
+        finally:
+            self._read(full)
+        while flight is not None:
             outcome = await asyncio.shield(flight.future)
             if outcome is _RETRY:
+                flight = self.flights.get(flight_key)
                 continue
             value = decode(outcome, codec, FAILED)
             if value is FAILED:  # it does not round-trip: no point in caching
@@ -337,11 +352,33 @@ class Engine:
             else:
                 flight.future.set_result(_RETRY)  # cancelled: a follower takes over
             raise
+        else:
+            flight.future.set_result(payload)
         finally:
-            if self.flights.get(flight_key) is flight:
-                del self.flights[flight_key]
-        flight.future.set_result(payload)
+            self._land(flight_key, flight)
         return result
+
+    def _land(self, flight_key: _FlightKey, flight: _Flight) -> None:
+        """Retire a finished flight, or park it while reads of its key are out."""
+        if self.flights.get(flight_key) is not flight:
+            return  # invalidated meanwhile
+        full = flight_key[0]
+        if self.reading.get(full) and not flight.retries():
+            self.parked.setdefault(full, []).append(flight_key)
+        else:
+            del self.flights[flight_key]
+
+    def _read(self, full: str) -> None:
+        """A caller's read of `full` is back; the last one retires parked flights."""
+        left = self.reading[full] - 1
+        if left:
+            self.reading[full] = left
+            return
+        del self.reading[full]
+        for flight_key in self.parked.pop(full, ()):
+            flight = self.flights.get(flight_key)
+            if flight is not None and flight.future.done():
+                del self.flights[flight_key]
 
     async def _lead(
         self,

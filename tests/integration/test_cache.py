@@ -413,16 +413,66 @@ async def test_failing_function_shares_its_error_and_caches_nothing(
     async def boom() -> int:
         nonlocal calls
         calls += 1
-        # Long enough for the other callers' lock checks to reach the server
-        # while this one computes, even on a loaded machine (a caller that
-        # arrives after the failure is a new miss and computes again).
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0)  # the others reach the cache meanwhile
         raise LookupError("nope")
 
     results = await asyncio.gather(boom(), boom(), boom(), return_exceptions=True)
     assert all(isinstance(r, LookupError) for r in results)
     assert calls == 1
     assert not await cache.exists("boom")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["value", "error"])
+async def test_a_miss_read_before_the_store_joins_the_finished_computation(
+    cache: CacheService, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """A caller whose miss comes back after the computation ended shares its outcome.
+
+    Its read went out while the key was missing, so it is a miss; the first
+    caller computed, stored and returned meanwhile. Computing again would
+    run the function twice for one miss.
+    """
+    calls = 0
+    missed = asyncio.Event()
+
+    async def build() -> int:
+        nonlocal calls
+        calls += 1
+        await missed.wait()  # the second caller's read is back, a miss
+        if fails:
+            raise LookupError("nope")
+        return 7
+
+    first = asyncio.ensure_future(cache.get_or_set("late", build, ttl=30))
+    real_get = cache.backend.get
+
+    delayed = []
+
+    async def get_late(key: str) -> bytes | None:
+        raw = await real_get(key)
+        if asyncio.current_task() is second:
+            missed.set()
+            await asyncio.wait([first])  # the read returns after the first caller
+            delayed.append(raw)
+        return raw
+
+    monkeypatch.setattr(cache.backend, "get", get_late)
+    second = asyncio.ensure_future(cache.get_or_set("late", build, ttl=30))
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    monkeypatch.undo()
+    assert delayed == [None]  # the second caller's read was a miss
+    assert calls == 1
+    if fails:
+        assert all(isinstance(r, LookupError) for r in results)
+    else:
+        assert results == [7, 7]
+    # Nothing is kept once the late reader is back: the next miss computes.
+    await cache.delete("late")
+    again = await asyncio.gather(
+        cache.get_or_set("late", build, ttl=30), return_exceptions=True
+    )
+    assert calls == 2
+    assert isinstance(again[0], LookupError) if fails else again == [7]
 
 
 async def test_cancelled_leader_hands_over_to_a_waiter(cache: CacheService) -> None:
