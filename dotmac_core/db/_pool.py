@@ -266,15 +266,21 @@ class _Handoff:
 
     def put_nowait(self, item: Any) -> None:
         """Hand `item` to the first waiting task, or keep it; `QueueFull` if full."""
+        if self._hand(item):
+            return
+        if self.full():
+            raise asyncio.QueueFull
+        self._items.append(item)
+
+    def _hand(self, item: Any) -> bool:
+        """Give `item` to the first task still waiting; False if none waits."""
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():  # a cancelled waiter is skipped
                 waiter.set_result(item)
-                return
-        if self.full():
-            raise asyncio.QueueFull
-        self._items.append(item)
+                return True
+        return False
 
     async def put(self, item: Any) -> None:
         """As `put_nowait` (the pool returns connections without blocking)."""
@@ -302,8 +308,12 @@ class _Handoff:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 # Handed an item as the wait ended (cancelled, timed out):
-                # it goes to the next in line, not back to the end.
-                self.put_nowait(waiter.result())
+                # it goes to the next in line, not back to the end. With
+                # nobody waiting it is kept even in a full queue: the pool
+                # counts it as its own, and closes the surplus when a later
+                # return finds the queue full.
+                if not self._hand(waiter.result()):
+                    self._items.append(waiter.result())
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):

@@ -261,6 +261,25 @@ async def test_cancelled_waiter_passes_its_connection_on() -> None:
     assert queue.empty()
 
 
+async def test_cancelled_waiter_keeps_its_connection_in_a_full_queue() -> None:
+    """A waiter cancelled after it was handed one, with the queue full meanwhile.
+
+    Other connections came back while nobody else waited: the handed one is
+    kept too (the pool closes a surplus at its next return), never lost to
+    a `QueueFull` raised out of the checkout.
+    """
+    queue = _pool._Handoff(1)
+    waiter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    handed, returned = object(), object()
+    queue.put_nowait(handed)  # handed to `waiter`, which has not run yet
+    queue.put_nowait(returned)  # nobody waits: it fills the queue
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert {queue.get_nowait(), queue.get_nowait()} == {handed, returned}
+
+
 async def test_items_wait_only_while_nobody_waits() -> None:
     """A returned item goes to the first waiter, never into the queue past it."""
     queue = _pool._Handoff(1)
