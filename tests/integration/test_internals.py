@@ -7,6 +7,7 @@ changes it, the test fails and names what to revisit.
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import uuid
 from datetime import UTC, datetime
@@ -278,3 +279,68 @@ async def test_asyncpg_reads_timestamptz_as_utc(pg_factory: Any) -> None:
         .result_processor(db.engine.dialect, 1184)
     )
     assert processor is None
+
+
+@pytest.mark.postgres
+async def test_asyncpg_adapter_begins_its_transaction_when_asked(
+    pg_factory: Any,
+) -> None:
+    """SQLAlchemy's asyncpg adapter sends its held-back BEGIN on `_start_transaction()`.
+
+    `_executor._begin_now` calls that method (no public one exists) so that
+    the first statement of a transaction can run on the driver, after the
+    same BEGIN SQLAlchemy would send.
+    """
+    db = await pg_factory()
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        adapted: Any = raw.dbapi_connection
+        driver = adapted.driver_connection
+        assert adapted._transaction is None
+        assert not driver.is_in_transaction()
+        assert await _executor._begin_now(adapted)
+        assert driver.is_in_transaction()
+        assert not await _executor._begin_now(adapted)  # begun already
+        raw.invalidate()  # not back to the pool inside that transaction
+
+
+@pytest.mark.postgres
+async def test_asyncpg_keeps_its_cancel_requests_in_a_set(pg_factory: Any) -> None:
+    """An asyncpg connection keeps its CancelRequest tasks in `_cancellations`, a set.
+
+    `_pool.spare_cancel_requests` empties it before a connection is closed,
+    so that closing does not cancel those tasks mid-handshake.
+    """
+    db = await pg_factory()
+    raw = await db.engine.raw_connection()
+    try:
+        assert isinstance(raw.driver_connection._cancellations, set)  # type: ignore[union-attr]
+    finally:
+        raw.close()
+
+
+@pytest.mark.postgres
+async def test_asyncpg_connects_through_the_async_creator(
+    pg_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy's asyncpg adapter calls `async_creator_fn`: connects run to their end.
+
+    `_pool.connect_hook_supported` finds the parameter in the adapter's
+    `connect`; the `Database` then passes `connect_to_the_end`, which runs
+    `asyncpg.connect` in a task of its own.
+    """
+    import asyncpg  # type: ignore[import-untyped]
+
+    assert _pool.connect_hook_supported()
+    real_connect = asyncpg.connect
+    callers: list[Any] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        callers.append(asyncio.current_task())
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    db = await pg_factory()
+    await db.ping()
+    assert len(callers) == 1
+    assert callers[0] is not asyncio.current_task()
