@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 if TYPE_CHECKING:
     from dotmac_core import Database
 
-__all__ = ["FaultPlan", "FaultProxy", "Mode", "fail_nth", "kill_backends"]
+__all__ = ["FaultPlan", "FaultProxy", "Mode", "dead_port", "fail_nth", "kill_backends"]
 
 _CHUNK = 65536
 
@@ -277,6 +277,13 @@ class FaultProxy:
 
 
 # --- PostgreSQL backends ------------------------------------------------------------
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def kill_backends(url: str) -> int:

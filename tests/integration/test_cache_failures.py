@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ from dotmac_core.cache import (
     create_cache_service,
 )
 
-from ..faults import FaultProxy
+from ..faults import FaultProxy, dead_port
 
 pytestmark = pytest.mark.redis
 
@@ -42,10 +41,7 @@ FAST = {
 @pytest.fixture
 def dead_url() -> str:
     """A Redis URL on a loopback port that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"redis://127.0.0.1:{port}/0"
+    return f"redis://127.0.0.1:{dead_port()}/0"
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,17 +15,11 @@ from dotmac_core import __main__ as cli
 from dotmac_core import doctor
 
 from ..conftest import PG_SERVER_URL, service_unavailable
+from ..faults import dead_port
 
 DB_PASSWORD = "hunter2-db-secret"
 CACHE_PASSWORD = "hunter2-cache-secret"
 SECRET_KEY = "hunter2-cursor-key-0123456789"
-
-
-def _dead_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _require_postgres() -> None:
@@ -110,7 +103,7 @@ def test_doctor_reports_live_services(redis_url: str) -> None:
 def test_doctor_fails_on_dead_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing listening: both services FAIL, exit 1, passwords stay masked."""
     _clean_env(monkeypatch)
-    port = _dead_port()
+    port = dead_port()
     monkeypatch.setenv(
         "DOTMAC_DB_URL", f"postgresql://app:{DB_PASSWORD}@127.0.0.1:{port}/app"
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -20,6 +19,7 @@ from dotmac_core import CacheConfig, RateLimitExceededError, ServiceError
 from dotmac_core import _ratelimit_redis as redis_store
 from dotmac_core.ratelimit import close_rate_limiters, rate_limit
 
+from ..faults import dead_port
 from ..redis_servers import RedisCluster
 
 pytestmark = pytest.mark.redis
@@ -238,16 +238,10 @@ async def test_clients_are_per_event_loop(redis_url: str, redis_prefix: str) -> 
         await endpoint()
 
 
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def dead_redis() -> CacheConfig:
     """A config pointing at a loopback port nothing listens on."""
-    return CacheConfig(backend="redis", url=f"redis://127.0.0.1:{_dead_port()}/0")
+    return CacheConfig(backend="redis", url=f"redis://127.0.0.1:{dead_port()}/0")
 
 
 async def test_redis_down_fails_open_quickly_and_logs_once(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from dotmac_core import (
 )
 from dotmac_core.testing import QueryCounter, reset_rate_limits
 
+from ..faults import dead_port
 from ..models import Member
 
 trace_sdk = pytest.importorskip("opentelemetry.sdk.trace")
@@ -129,10 +129,7 @@ async def test_cache_spans_say_hit_or_miss(spans: InMemorySpanExporter) -> None:
 
 async def test_cache_span_marks_fail_open(spans: InMemorySpanExporter) -> None:
     """A read answered without a dead Redis carries dotmac.cache.fail_open."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = CacheConfig(backend="redis", url=f"redis://127.0.0.1:{port}/0")
+    config = CacheConfig(backend="redis", url=f"redis://127.0.0.1:{dead_port()}/0")
     async with create_cache_service(config=config) as cache:
         assert await cache.get("k", "default") == "default"
     (read,) = _named(spans, "dotmac.cache.get")
