@@ -234,40 +234,44 @@ async def get_pool(bench: Bench) -> Operation:
     )
 
 
+def new_values(i: int, prefix: str = "new") -> dict[str, Any]:
+    """The fields a benchmark's i-th inserted row gets (`repo.create(...)`)."""
+    return {"email": f"{prefix}{i}@bench.example", "name": "New", "rank": i}
+
+
+def raw_new_args(raw: Any, i: int, prefix: str = "new") -> tuple[Any, ...]:
+    """The raw INSERT's arguments for that row (`sql.bulk`), stamped now."""
+    now = raw.now()
+    values = new_values(i, prefix)
+    return (raw.key(uuid.uuid4()), now, now, TENANT_WRITE, *values.values())
+
+
+def core_new_row(i: int, prefix: str = "new") -> dict[str, Any]:
+    """Core's INSERT parameters for that row (`_CORE.bulk`), stamped now."""
+    now = datetime.now(UTC)
+    return {
+        "id": uuid.uuid4(),
+        "created_at": now,
+        "updated_at": now,
+        "tenant_id": TENANT_WRITE,
+        **new_values(i, prefix),
+    }
+
+
 async def insert_one(bench: Bench) -> Operation:
     """Insert one row and commit it (into the bulk table, so reads see no growth)."""
     raw, sql, engine = bench.raw, _raw_sql(bench), bench.db.engine
     repo = BulkItems(db=bench.db)
 
     async def raw_call(i: int) -> None:
-        now = raw.now()
-        await raw.execute(
-            sql.bulk,
-            raw.key(uuid.uuid4()),
-            now,
-            now,
-            TENANT_WRITE,
-            f"new{i}@bench.example",
-            "New",
-            i,
-        )
+        await raw.execute(sql.bulk, *raw_new_args(raw, i))
 
     async def core_call(i: int) -> None:
-        now = datetime.now(UTC)
-        row = {
-            "id": uuid.uuid4(),
-            "created_at": now,
-            "updated_at": now,
-            "tenant_id": TENANT_WRITE,
-            "email": f"new{i}@bench.example",
-            "name": "New",
-            "rank": i,
-        }
         async with engine.begin() as conn:
-            await conn.execute(_CORE.bulk, row)
+            await conn.execute(_CORE.bulk, core_new_row(i))
 
     async def dotmac_call(i: int) -> None:
-        await repo.create({"email": f"new{i}@bench.example", "name": "New", "rank": i})
+        await repo.create(new_values(i))
 
     return Operation(
         key="insert",

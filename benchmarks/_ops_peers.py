@@ -22,7 +22,7 @@ from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelSession
 
 from ._harness import Operation, loop, spread_over_tasks
-from ._ops_db import bulk_items, scoped
+from ._ops_db import bulk_items, new_values, scoped
 from ._setup import (
     MEMBER_PAGE_ROWS,
     PAGE_ROWS,
@@ -110,9 +110,7 @@ def _shared(calls: dict[str, Any]) -> dict[str, Any]:
 
 
 def _new_item(i: int) -> BenchBulkItem:
-    return BenchBulkItem(
-        email=f"new{i}@bench.example", name="New", rank=i, tenant_id=TENANT_WRITE
-    )
+    return BenchBulkItem(**new_values(i), tenant_id=TENANT_WRITE)
 
 
 class _Peer:
@@ -476,12 +474,7 @@ class _FastCRUDPeer(_Peer):
                 )
 
         async def insert(i: int) -> None:
-            row = _ItemCreate(
-                email=f"new{i}@bench.example",
-                name="New",
-                rank=i,
-                tenant_id=TENANT_WRITE,
-            )
+            row = _ItemCreate(**new_values(i), tenant_id=TENANT_WRITE)
             async with self.session() as s:
                 await bulk_crud.create(s, row)
 

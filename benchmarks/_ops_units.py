@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,15 @@ from dotmac_core import TransactionManager
 from dotmac_core.db._pool import PING_AFTER
 
 from ._harness import Operation, loop
-from ._ops_db import _CORE, PAGES, _raw_sql, scoped
+from ._ops_db import (
+    _CORE,
+    PAGES,
+    _raw_sql,
+    core_new_row,
+    new_values,
+    raw_new_args,
+    scoped,
+)
 from ._setup import (
     MEMBER_PAGE_ROWS,
     PAGE_SIZE,
@@ -106,38 +113,16 @@ async def tx_insert(bench: Bench) -> Operation:
     repo = BulkItems(db=db)
 
     async def raw_call(i: int) -> None:
-        now = raw.now()
         async with raw.transaction():
-            await raw.execute(
-                sql.bulk,
-                raw.key(uuid.uuid4()),
-                now,
-                now,
-                TENANT_WRITE,
-                f"tx{i}@bench.example",
-                "New",
-                i,
-            )
+            await raw.execute(sql.bulk, *raw_new_args(raw, i, "tx"))
 
     async def core_call(i: int) -> None:
-        now = datetime.now(UTC)
-        row = {
-            "id": uuid.uuid4(),
-            "created_at": now,
-            "updated_at": now,
-            "tenant_id": TENANT_WRITE,
-            "email": f"tx{i}@bench.example",
-            "name": "New",
-            "rank": i,
-        }
         async with engine.begin() as conn:
-            await conn.execute(_CORE.bulk, row)
+            await conn.execute(_CORE.bulk, core_new_row(i, "tx"))
 
     async def dotmac_call(i: int) -> None:
         async with TransactionManager(db):
-            await repo.create(
-                {"email": f"tx{i}@bench.example", "name": "New", "rank": i}
-            )
+            await repo.create(new_values(i, "tx"))
 
     return _unit_op(
         "tx_insert",
@@ -457,41 +442,30 @@ async def idle_write(bench: Bench, pause: float = IDLE_PAUSE) -> Operation:
     fresh = bench.sequence
 
     async def raw_call(i: int) -> None:
-        now = raw.now()
         if i % 2:
+            now = raw.now()
             await raw.fetchrow(sql.update, next(fresh), now, keys[i % k], TENANT_WRITE)
             return
-        new = (raw.key(uuid.uuid4()), now, now, TENANT_WRITE, f"i{i}@b.example", "N", i)
-        await raw.execute(sql.bulk, *new)
+        await raw.execute(sql.bulk, *raw_new_args(raw, i, "idle"))
 
     async def core_call(i: int) -> None:
-        now = datetime.now(UTC)
         async with engine.begin() as conn:
             if i % 2:
                 params = {
                     "new_rank": next(fresh),
-                    "now": now,
+                    "now": datetime.now(UTC),
                     "key": ids[i % k],
                     "tenant": TENANT_WRITE,
                 }
                 (await conn.execute(_CORE.update, params)).first()
                 return
-            row = {
-                "id": uuid.uuid4(),
-                "created_at": now,
-                "updated_at": now,
-                "tenant_id": TENANT_WRITE,
-                "email": f"i{i}@b.example",
-                "name": "N",
-                "rank": i,
-            }
-            await conn.execute(_CORE.bulk, row)
+            await conn.execute(_CORE.bulk, core_new_row(i, "idle"))
 
     async def dotmac_call(i: int) -> None:
         if i % 2:
             await items.update(ids[i % k], {"rank": next(fresh)})
             return
-        await bulk.create({"email": f"i{i}@b.example", "name": "N", "rank": i})
+        await bulk.create(new_values(i, "idle"))
 
     op = _unit_op(
         "idle_write",
