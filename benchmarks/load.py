@@ -94,18 +94,24 @@ class Load:
         self.items = LoadItems(db=db)
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.waits: list[float] = []
+        #: The waits of each task's first call: all of them ask at once, while
+        #: the pool opens its connections and prepares its first statements.
+        self.first_waits: list[float] = []
         self.errors: Counter[str] = Counter()
         self.created: set[str] = set()  # names of acknowledged creates
         self.values: dict[Any, int] = {}  # owned row id -> last acknowledged value
         self.seeded: list[Any] = []
-        self._asked: dict[asyncio.Task[Any], float] = {}
+        self._asked: dict[asyncio.Task[Any], tuple[float, bool]] = {}
         self.missing: dict[str, int] = {}
 
     def _on_checkout(self, *_args: Any) -> None:
         task = asyncio.current_task()
         asked = self._asked.pop(task, None) if task is not None else None
         if asked is not None:
-            self.waits.append(time.perf_counter() - asked)
+            started, first = asked
+            (self.first_waits if first else self.waits).append(
+                time.perf_counter() - started
+            )
 
     async def seed(self) -> None:
         """Create the table and the rows the tasks read, page and own."""
@@ -132,7 +138,7 @@ class Load:
             if kind in ("update", "unit") and own is None:
                 kind = "read"
             started = time.perf_counter()
-            self._asked[me] = started
+            self._asked[me] = (started, step == 1)
             try:
                 await self._call(kind, rng, number, step, own)
             except Exception as exc:  # noqa: BLE001 - counted and reported
@@ -233,7 +239,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": round(calls / elapsed, 1),
         "latency_ms": {k: _quantiles(load.latency[k]) for k in MIX},
         "calls_by_kind": {k: len(load.latency[k]) for k in MIX},
-        "pool_wait_ms": _quantiles(load.waits),
+        "pool_wait_ms": _quantiles(load.waits + load.first_waits),
+        "pool_wait_first_call_ms": _quantiles(load.first_waits),
+        "pool_wait_later_calls_ms": _quantiles(load.waits),
+        # First come, first served: a call waits for the calls of the other
+        # tasks that asked before it, served at the measured rate.
+        "fifo_wait_ms": round((args.tasks - args.pool) / (calls / elapsed) * 1000, 1),
         "errors": dict(load.errors),
         "lost_writes": lost,
         "lost_by_kind": load.missing,
@@ -254,8 +265,20 @@ def report(record: dict[str, Any]) -> str:
     for kind, q in record["latency_ms"].items():
         count = record["calls_by_kind"][kind]
         lines.append(f"| {kind} | {count} | {q['p50']} | {q['p99']} | {q['max']} |")
-    wait = record["pool_wait_ms"]
-    lines.append(f"| pool wait | | {wait['p50']} | {wait['p99']} | {wait['max']} |")
+    for name, key in (
+        ("pool wait", "pool_wait_ms"),
+        ("pool wait, first call of each task", "pool_wait_first_call_ms"),
+        ("pool wait, later calls", "pool_wait_later_calls_ms"),
+    ):
+        wait = record[key]
+        lines.append(f"| {name} | | {wait['p50']} | {wait['p99']} | {wait['max']} |")
+    later = record["pool_wait_later_calls_ms"]["p99"]
+    fifo = record["fifo_wait_ms"]
+    lines += [
+        "",
+        f"first come, first served: {fifo} ms a call; later calls' p99 is "
+        f"{later / fifo if fifo else 0:.2f}x that",
+    ]
     lines += [
         "",
         f"errors: {sum(record['errors'].values())}, lost writes: "
