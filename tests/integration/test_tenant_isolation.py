@@ -435,10 +435,9 @@ async def test_statement_values_and_rows_are_both_checked(db: Database) -> None:
             )
 
 
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 async def test_sqlite_insert_or_replace_is_refused(db: Database) -> None:
-    """INSERT OR REPLACE could delete another tenant's row: TenantError."""
-    if db.dialect != "sqlite":
-        pytest.skip("INSERT OR REPLACE is SQLite's")
+    """INSERT OR REPLACE (SQLite's) could delete another tenant's row: TenantError."""
     _, theirs = await _seed()
     statement = (
         insert(Member)
