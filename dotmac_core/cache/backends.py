@@ -240,6 +240,9 @@ def _connection_options(config: CacheConfig) -> dict[str, Any]:
         # pooled connection the server closed while idle. Timeouts are not
         # retried, so a hung server costs one socket_timeout, not eleven.
         "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        # redis-py 5 retries only the errors named here, whatever the Retry
+        # supports (a reset connection was not retried); 8 takes both.
+        "retry_on_error": [RedisConnectionError],
     }
 
 
