@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import inspect
 import logging
 import threading
 import time
@@ -156,11 +157,20 @@ def spare_cancel_requests(driver: Any) -> None:
     #1310). Forgotten by the closing connection, the task finishes on its
     own, bounded by `command_timeout`, and stops the server's query too.
     asyncpg keeps the tasks in `_cancellations` (no public accessor); when
-    that is not a set, nothing is done.
+    that is not a set, nothing is done. A task that has not started is left
+    to the close, which cancels it before it sends anything: once started it
+    would read the closed connection's protocol, gone by then (before asyncpg
+    0.32 that is an `AttributeError` set on a future nobody awaits).
     """
     pending = getattr(driver, "_cancellations", None)
-    if isinstance(pending, set):
-        pending.clear()
+    if not isinstance(pending, set):
+        return
+    for task in list(pending):
+        coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+        if not inspect.iscoroutine(coro) or (
+            inspect.getcoroutinestate(coro) != inspect.CORO_CREATED
+        ):
+            pending.discard(task)
 
 
 async def connect_to_the_end(*args: Any, **kwargs: Any) -> Any:

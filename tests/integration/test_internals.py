@@ -319,6 +319,33 @@ async def test_asyncpg_keeps_its_cancel_requests_in_a_set(pg_factory: Any) -> No
         raw.close()
 
 
+async def test_only_started_cancel_requests_are_spared() -> None:
+    """A CancelRequest task that has not started stays with its connection's close.
+
+    Started, it would read the closed connection's protocol (an error on a
+    future nobody awaits before asyncpg 0.32); the close cancels it first.
+    """
+
+    class Driver:
+        def __init__(self) -> None:
+            self._cancellations: set[asyncio.Task[None]] = set()
+
+    async def request(started: asyncio.Event) -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    driver, started = Driver(), asyncio.Event()
+    running = asyncio.ensure_future(request(started))
+    await started.wait()
+    waiting = asyncio.ensure_future(request(asyncio.Event()))
+    driver._cancellations |= {running, waiting}
+    _pool.spare_cancel_requests(driver)
+    assert driver._cancellations == {waiting}
+    for task in (running, waiting):
+        task.cancel()
+    await asyncio.gather(running, waiting, return_exceptions=True)
+
+
 @pytest.mark.postgres
 async def test_asyncpg_connects_through_the_async_creator(
     pg_factory: Any, monkeypatch: pytest.MonkeyPatch
