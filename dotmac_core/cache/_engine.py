@@ -74,12 +74,15 @@ def head_for(tokens: Sequence[bytes | None] | None) -> bytes | None:
 class _Flight:
     """One in-process computation of a missing entry that others may join."""
 
-    __slots__ = ("future", "stale")
+    __slots__ = ("future", "landed", "stale")
 
     def __init__(self, future: asyncio.Future[bytes]) -> None:
         self.future = future
         #: Set when the key is invalidated meanwhile: the result is not stored.
         self.stale = False
+        #: The engine's read ticket when it finished: only reads that began
+        #: before then may join it (see `Engine.parked`).
+        self.landed: int | None = None
 
     def retries(self) -> bool:
         """Whether the (finished) computation was cancelled: callers try again."""
@@ -109,7 +112,10 @@ class Engine:
         self.reading: dict[str, int] = {}
         #: Finished flights kept for those readers: their read may predate
         #: the store, and they join the outcome instead of computing again.
-        self.parked: dict[str, list[_FlightKey]] = {}
+        #: A read that began after the flight finished never joins it.
+        self.parked: dict[str, set[_FlightKey]] = {}
+        #: Numbers the reads of `load`, in the order they begin.
+        self.tickets = 0
 
     # --- guarded backend calls ---------------------------------------------------
 
@@ -310,6 +316,8 @@ class Engine:
         """Read through: a hit decoded by `codec`, or one coalesced `factory()`."""
         full = space.key(key)
         self.reading[full] = self.reading.get(full, 0) + 1
+        self.tickets += 1
+        ticket = self.tickets
         try:
             raws, tokens = await self.fetch(space, [full])
             raw, head = raws[0], head_for(tokens)
@@ -319,6 +327,9 @@ class Engine:
                     return cast("T", value)
             flight_key: _FlightKey = (full, None if tokens is None else tuple(tokens))
             flight = self.flights.get(flight_key)
+            landed = None if flight is None else flight.landed
+            if landed is not None and landed < ticket:
+                flight = None  # finished before this read began: a new miss
         finally:
             self._read(full)
         while flight is not None:
@@ -364,7 +375,8 @@ class Engine:
             return  # invalidated meanwhile
         full = flight_key[0]
         if self.reading.get(full) and not flight.retries():
-            self.parked.setdefault(full, []).append(flight_key)
+            flight.landed = self.tickets
+            self.parked.setdefault(full, set()).add(flight_key)
         else:
             del self.flights[flight_key]
 

@@ -475,6 +475,48 @@ async def test_a_miss_read_before_the_store_joins_the_finished_computation(
     assert isinstance(again[0], LookupError) if fails else again == [7]
 
 
+async def test_a_miss_read_after_the_computation_ended_computes_again(
+    cache: CacheService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished computation kept for a late reader is not served to newcomers.
+
+    While one caller's read is still out, the computation it would join has
+    failed; a caller that begins afterwards computes again (it would
+    otherwise get the old error for as long as reads overlap).
+    """
+    calls = 0
+    missed, release = asyncio.Event(), asyncio.Event()
+
+    async def build() -> int:
+        nonlocal calls
+        calls += 1
+        await missed.wait()
+        if calls == 1:
+            raise LookupError("nope")
+        return 7
+
+    first = asyncio.ensure_future(cache.get_or_set("again", build, ttl=30))
+    real_get = cache.backend.get
+
+    async def get_late(key: str) -> bytes | None:
+        raw = await real_get(key)
+        if asyncio.current_task() is second:
+            missed.set()
+            await release.wait()
+        return raw
+
+    monkeypatch.setattr(cache.backend, "get", get_late)
+    second = asyncio.ensure_future(cache.get_or_set("again", build, ttl=30))
+    with pytest.raises(LookupError):
+        await first
+    assert await cache.get_or_set("again", build, ttl=30) == 7  # began after
+    release.set()
+    # Its read, a miss, began before both computations ended: it joins the
+    # latest, computing nothing itself.
+    assert await second == 7
+    assert calls == 2
+
+
 async def test_cancelled_leader_hands_over_to_a_waiter(cache: CacheService) -> None:
     """If the computing caller is cancelled, a waiting caller computes instead."""
     calls = 0
