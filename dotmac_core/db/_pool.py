@@ -322,8 +322,9 @@ class _Handoff:
                 # nobody waiting it is kept even in a full queue: the pool
                 # counts it as its own, and closes the surplus when a later
                 # return finds the queue full.
-                if not self._hand(waiter.result()):
-                    self._items.append(waiter.result())
+                item = waiter.result()
+                if not self._hand(item):
+                    self._items.append(item)
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
