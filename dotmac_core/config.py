@@ -135,6 +135,18 @@ class DatabaseConfig(_Settings):
     """Behind a transaction-mode pooler: no server-side prepared statement reuse."""
     application_name: str | None = "dotmac_core"
     """Name shown in `pg_stat_activity` (PostgreSQL)."""
+    replicas: list[SecretStr] | str = Field(default_factory=list)
+    """URLs of PostgreSQL hot standbys for reads; the environment gives them
+    comma-separated (`DOTMAC_DB_REPLICAS`). Secret: they may hold passwords."""
+    read_your_writes: Literal["lsn", "window"] = "lsn"
+    """After a write, how long its context reads from the primary: `lsn` until
+    a replica has replayed the write's WAL position, `window` for
+    `read_your_writes_window` seconds (no position asked of the server)."""
+    read_your_writes_window: float = Field(default=5.0, gt=0)
+    """Seconds reads stay on the primary after a write in `window` mode, or
+    when a write's WAL position could not be read."""
+    replica_retry_after: float = Field(default=5.0, gt=0)
+    """Seconds an unreachable replica is skipped before it is checked again."""
 
     @field_validator("url")
     @classmethod
@@ -142,6 +154,34 @@ class DatabaseConfig(_Settings):
         if value is not None:
             _normalise_url(value.get_secret_value())
         return value
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_list(cls, value: Any) -> Any:
+        # The environment gives one string; a list keeps its items.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("replicas")
+    @classmethod
+    def _replica_schemes(cls, value: list[SecretStr] | str) -> list[SecretStr]:
+        if isinstance(value, str):  # not reached: the before-validator splits it
+            value = [SecretStr(value)]
+        for replica in value:
+            if _normalise_url(replica.get_secret_value()).get_backend_name() != (
+                "postgresql"
+            ):
+                msg = "replicas must be PostgreSQL URLs (hot standbys)"
+                raise ValueError(msg)
+        return value
+
+    def replica_urls(self) -> list[URL]:
+        """Return the replicas' async SQLAlchemy URLs (their reprs mask passwords)."""
+        # A list once validated; the `str` of the annotation is the
+        # environment's comma-separated form, split by `_replica_list`.
+        replicas = [] if isinstance(self.replicas, str) else self.replicas
+        return [_normalise_url(replica.get_secret_value()) for replica in replicas]
 
     def sqlalchemy_url(self) -> URL:
         """Return the async SQLAlchemy URL (its repr masks the password)."""

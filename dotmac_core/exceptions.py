@@ -486,6 +486,15 @@ def translate_error(exc: BaseException) -> BaseException:
         ) or "connection is closed" in str(exc):
             return DatabaseConnectionError(f"database connection lost ({kind})")
         return DatabaseError(f"database driver error ({kind}: {exc})")
+    if (
+        asyncpg is not None
+        and isinstance(exc.__cause__, asyncpg.PostgresError)
+        and type(exc).__module__.startswith("sqlalchemy.")
+    ):
+        # The error class of SQLAlchemy's asyncpg adapter, raised by an
+        # adapter method called directly (the held-back BEGIN): the asyncpg
+        # error it wraps says what happened.
+        return translate_error(exc.__cause__)
     redis_error = _translate_redis(exc)
     if redis_error is not None:
         return redis_error

@@ -162,7 +162,7 @@ async def _copy(
     async def send() -> None:
         try:
             if found is None:
-                await driver.use(copy)
+                await driver.use(copy, write=True)
             else:
                 _, connected, connection = found
                 assert session is not None  # noqa: S101 - found came from it

@@ -302,6 +302,9 @@ class DriverExecutor:
         self._via: type[_Asyncpg | _Aiosqlite] = (
             _Asyncpg if self.dialect.name == "postgresql" else _Aiosqlite
         )
+        #: Run on the connection of each write outside a transaction, after
+        #: it (the read-your-writes note of a database with replicas).
+        self.after_write: Callable[[Any], Awaitable[None]] | None = None
         self._sync = sync_checkout
         self._max_overflow = max_overflow
         self._compiled: dict[tuple[type[Any], Any], Compiled | None] = {}
@@ -339,17 +342,22 @@ class DriverExecutor:
 
         if driver is not None:
             return await statement(driver)
-        return await self.use(statement, retry=not query.write)
+        return await self.use(statement, retry=not query.write, write=query.write)
 
     async def use(
-        self, work: Callable[[Any], Awaitable[Any]], *, retry: bool = False
+        self,
+        work: Callable[[Any], Awaitable[Any]],
+        *,
+        retry: bool = False,
+        write: bool = False,
     ) -> Any:
         """Run `work(driver_connection)` on a pooled connection, outside a transaction.
 
         A connection that fails for any reason other than an error the
         database reported for the statement (cancellation, a timeout, a lost
         socket) is closed, not handed out again: its state is unknown. With
-        `retry`, work that found its connection gone runs once more on another.
+        `retry`, work that found its connection gone runs once more on
+        another. With `write`, `after_write` runs on the connection after it.
         """
         fairy = await checkout(
             self.engine, sync=self._sync, max_overflow=self._max_overflow
@@ -357,6 +365,8 @@ class DriverExecutor:
         driver: Any = fairy.driver_connection
         try:
             result = await work(driver)
+            if write and self.after_write is not None:
+                await self.after_write(driver)
         except BaseException as exc:
             broken = self.is_broken(driver, exc)
             if broken:

@@ -32,6 +32,7 @@ from . import _rows
 from ._driver import driver_for
 from .database import get_database
 from .scoping import ScopedSession, bind_session, current_scope, scoping_listeners
+from .session import begin_now
 from .transaction import TransactionManager, current_transaction
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ async def session_driver(
     connected: Any = raw.driver_connection
     if not driver.in_transaction(connected):
         try:
-            begun = await _begin_now(raw.dbapi_connection)
+            begun = await begin_now(raw.dbapi_connection)
         except BaseException:
             # Cut off (cancelled) or failed with its BEGIN under way: the server
             # may hold a transaction the adapter does not know of, so the
@@ -170,25 +171,6 @@ async def session_driver(
         if not begun:
             return None
     return driver, connected, connection
-
-
-async def _begin_now(adapted: Any) -> bool:
-    """Send the BEGIN that SQLAlchemy's asyncpg adapter holds back; whether it did.
-
-    The adapter begins its transaction (isolation level, read only, as the
-    session set them) with the first statement. Asking it to do that now, by
-    its own method, lets the first statement of a transaction run on the
-    driver too: the same BEGIN, sent at the same point, by the same code.
-    Where the adapter has no such method, the statement runs through
-    SQLAlchemy, which sends the BEGIN itself.
-    """
-    start = getattr(adapted, "_start_transaction", None)
-    if start is None or getattr(adapted, "_transaction", True) is not None:
-        return False
-    if getattr(adapted, "isolation_level", None) == "autocommit":
-        return False
-    await start()
-    return getattr(adapted, "_transaction", None) is not None
 
 
 async def on_connection(
@@ -301,21 +283,33 @@ async def rows(
         target = session_of(session)
         if target is None:
             database = db or get_database()
+            if not query.write:
+                replicas = database._replica_set
+                if replicas is not None:
+                    return await replicas.read(lambda on: _read_rows(on, query))
+                return await _read_rows(database, query)
             pooled = _pooled(database, query)
             if pooled is not None:
                 driver, compiled = pooled
                 records = await driver.run(query, compiled)
                 return _from_records(query, records)
-            if query.write:
-                async with TransactionManager(database) as tx:
-                    return await _session_rows(tx.session, query)
-            async with database.read_session() as own:
-                return await _session_rows(own, query)
+            async with TransactionManager(database) as tx:
+                return await _session_rows(tx.session, query)
         with target.exclusive():
             records = await _on_session(target, query)
             if records is not None:
                 return _from_records(query, records, target.sync_session)
             return await _session_rows(target, query)
+
+
+async def _read_rows(database: Database, query: Query) -> Loaded:
+    """A read's objects from `database` (the primary or a replica), detached."""
+    pooled = _pooled(database, query)
+    if pooled is not None:
+        driver, compiled = pooled
+        return _from_records(query, await driver.run(query, compiled))
+    async with database.read_session() as own:
+        return await _session_rows(own, query)
 
 
 async def _session_rows(session: AsyncSession, query: Query) -> Loaded:
@@ -335,18 +329,26 @@ async def scalar(
         target = session_of(session)
         if target is None:
             database = db or get_database()
-            pooled = _pooled(database, query)
-            if pooled is not None:
-                driver, compiled = pooled
-                records = await driver.run(query, compiled)
-                return records[0][0] if records else None
-            async with database.read_session() as own:
-                return (await _orm(own, query)).scalar()
+            replicas = database._replica_set
+            if replicas is not None:
+                return await replicas.read(lambda on: _read_scalar(on, query))
+            return await _read_scalar(database, query)
         with target.exclusive():
             records = await _on_session(target, query)
             if records is not None:
                 return records[0][0] if records else None
             return (await _orm(target, query)).scalar()
+
+
+async def _read_scalar(database: Database, query: Query) -> Any:
+    """A one-value read's value from `database` (the primary or a replica)."""
+    pooled = _pooled(database, query)
+    if pooled is not None:
+        driver, compiled = pooled
+        records = await driver.run(query, compiled)
+        return records[0][0] if records else None
+    async with database.read_session() as own:
+        return (await _orm(own, query)).scalar()
 
 
 async def rowcount(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Self
 from uuid import uuid4
 
 import anyio
+from pydantic import SecretStr
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -20,7 +21,7 @@ from .._registry import Default
 from ..config import DatabaseConfig
 from ..exceptions import ConfigurationError, translate_errors
 from ..guards import require_database
-from ._driver import DriverExecutor, register_driver
+from ._driver import DriverExecutor, driver_for, register_driver
 from ._pool import (
     connect_hook_supported,
     connect_to_the_end,
@@ -29,11 +30,12 @@ from ._pool import (
     install_sqlite_reset,
     install_sync_checkout,
 )
+from ._replicas import ReplicaSet
 from .models import DBBaseModel, check_metadata_links
 from .session import AsyncSession
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
     from types import TracebackType
 
     from sqlalchemy import Connection, MetaData
@@ -60,7 +62,11 @@ class Database:
     Args:
         config: A URL (str or `sqlalchemy.URL`) or a `DatabaseConfig`; `None`
             reads `DatabaseConfig()` from the environment.
-        **engine_options: Passed to `create_async_engine`, over the defaults.
+        replicas: URLs of PostgreSQL hot standbys, over the config's
+            `replicas`: reads outside a write transaction go to them (see
+            `docs/scaling.md`).
+        **engine_options: Passed to `create_async_engine`, over the defaults
+            (for the replicas' engines too).
 
     Raises:
         ConfigurationError: the URL or a setting is invalid.
@@ -70,6 +76,8 @@ class Database:
     def __init__(
         self,
         config: str | URL | DatabaseConfig | None = None,
+        *,
+        replicas: Sequence[str | URL] | None = None,
         **engine_options: Any,
     ) -> None:
         if config is None:
@@ -78,7 +86,10 @@ class Database:
             config = DatabaseConfig(url=config.render_as_string(hide_password=False))
         elif isinstance(config, str):
             config = DatabaseConfig(url=config)
+        if replicas is not None:
+            config = _with_replicas(config, replicas)
         self.config: DatabaseConfig = config
+        given_options = dict(engine_options)
         self.url: URL = config.sqlalchemy_url()
         self.dialect: str = config.dialect
         require_database("sqlite" if self.dialect == "sqlite" else "postgresql")
@@ -134,9 +145,39 @@ class Database:
         self._read_factory = async_sessionmaker(
             reads, class_=AsyncSession, expire_on_commit=False
         )
+        #: The hot standbys reads may go to (see `_replicas.py`).
+        self.replicas: tuple[Database, ...] = ()
+        self._replica_set: ReplicaSet | None = None
+        if config.replicas:
+            self._start_replicas(config, given_options)
+
+    def _start_replicas(
+        self, config: DatabaseConfig, engine_options: dict[str, Any]
+    ) -> None:
+        if self.dialect != "postgresql":
+            msg = "replicas are PostgreSQL hot standbys: the primary must be PostgreSQL"
+            raise ConfigurationError(msg, field="replicas")
+        self.replicas = tuple(
+            Database(
+                config.model_copy(update={"url": SecretStr(str(url)), "replicas": []}),
+                **engine_options,
+            )
+            for url in (
+                replica.render_as_string(hide_password=False)
+                for replica in config.replica_urls()
+            )
+        )
+        self._replica_set = ReplicaSet(self, self.replicas, config)
+        driver = driver_for(self.engine.sync_engine)
+        if driver is not None:
+            driver.after_write = self._replica_set.after_pooled_write
 
     def __repr__(self) -> str:
-        return f"Database({self.url!r})"  # URL's repr masks the password
+        # URL's repr masks the password
+        if self.replicas:
+            replicas = [replica.url for replica in self.replicas]
+            return f"Database({self.url!r}, replicas={replicas!r})"
+        return f"Database({self.url!r})"
 
     @asynccontextmanager
     async def read_session(self) -> AsyncIterator[AsyncSession]:
@@ -190,7 +231,11 @@ class Database:
                 await conn.exec_driver_sql("SELECT 1")
 
     async def dispose(self) -> None:
-        """Close every pooled connection; the engine reconnects if used again."""
+        """Close every pooled connection (replicas' too); used again, it reconnects."""
+        if self._replica_set is not None:
+            await self._replica_set.aclose()
+        for replica in self.replicas:
+            await replica.dispose()
         await self.engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -203,6 +248,22 @@ class Database:
         tb: TracebackType | None,
     ) -> None:
         await self.dispose()
+
+
+def _with_replicas(
+    config: DatabaseConfig, replicas: Sequence[str | URL]
+) -> DatabaseConfig:
+    """`config` with `replicas` for its replicas, checked as the config checks them."""
+    urls = [
+        r.render_as_string(hide_password=False) if isinstance(r, URL) else r
+        for r in replicas
+    ]
+    values = {
+        name: getattr(config, name)
+        for name in config.model_fields_set
+        if name != "replicas"
+    }
+    return DatabaseConfig(**values, replicas=urls)
 
 
 def _pool_options(config: DatabaseConfig) -> dict[str, Any]:
@@ -250,12 +311,18 @@ def _pg_options(config: DatabaseConfig) -> dict[str, Any]:
         # (asyncpg leaves an unretrieved future otherwise; see _pool.py).
         connect_args["async_creator_fn"] = connect_to_the_end
     if config.pgbouncer:
-        # Transaction-mode poolers hand each transaction to any server
-        # connection: named prepared statements must neither be cached by
-        # asyncpg nor reused by name (SQLAlchemy's documented recipe).
+        # Transaction-mode poolers hand each transaction, and each statement
+        # outside one, to any server connection: a statement prepared in one
+        # round trip may be missing in the next. With both caches off and the
+        # name "" (PostgreSQL's unnamed statement) nothing is prepared by
+        # name: asyncpg, its cache off, sends an unnamed statement's Parse
+        # again with its Bind, so each round trip stands alone. (Unique
+        # names, SQLAlchemy's recipe, still fail in autocommit, where the
+        # name is looked up on another server connection, and leave each
+        # statement behind on the server.)
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_cache_size"] = 0
-        connect_args["prepared_statement_name_func"] = _unique_statement_name
+        connect_args["prepared_statement_name_func"] = lambda: ""
     return {
         **_pool_options(config),
         "pool_pre_ping": False,

@@ -253,6 +253,8 @@ def enable_row_level_security(db: Database) -> None:
         ConfigurationError: `db` is not PostgreSQL.
     """
     _require_postgresql(db, "row-level security")
+    for replica in db.replicas:  # their reads run under the policies too
+        enable_row_level_security(replica)
     engine = db.engine.sync_engine
     if event.contains(engine, "begin", _set_tenant):
         return

@@ -126,3 +126,22 @@ class AsyncSession(_SQLModelAsyncSession):
         merge = _guarded(_SQLModelAsyncSession.merge)
         delete = _guarded(_SQLModelAsyncSession.delete)
         run_sync = _guarded(_SQLModelAsyncSession.run_sync)
+
+
+async def begin_now(adapted: Any) -> bool:
+    """Send the BEGIN that SQLAlchemy's asyncpg adapter holds back; whether it did.
+
+    The adapter begins its transaction (isolation level, read only, as the
+    session set them) with the first statement. Asking it to do that now, by
+    its own method, lets the first statement of a transaction run on the
+    driver too: the same BEGIN, sent at the same point, by the same code.
+    Where the adapter has no such method, the statement runs through
+    SQLAlchemy, which sends the BEGIN itself.
+    """
+    start = getattr(adapted, "_start_transaction", None)
+    if start is None or getattr(adapted, "_transaction", True) is not None:
+        return False
+    if getattr(adapted, "isolation_level", None) == "autocommit":
+        return False
+    await start()
+    return getattr(adapted, "_transaction", None) is not None

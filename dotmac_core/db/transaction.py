@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Self, TypeVar
 import anyio
 
 from ..exceptions import (
+    DatabaseConnectionError,
     DotMacError,
     TransactionConflictError,
     ValidationError,
@@ -30,12 +31,14 @@ from ..exceptions import (
 )
 from .database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY, Database, get_database
 from .scoping import bind_session, current_scope
+from .session import begin_now
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncSessionTransaction
 
+    from ._replicas import ReplicaSet
     from .session import AsyncSession
 
 __all__ = [
@@ -112,6 +115,10 @@ class TransactionManager:
         self._callbacks: list[Callback] = []
         self._token: contextvars.Token[TransactionManager | None] | None = None
         self._task: asyncio.Task[Any] | None = None
+        #: The replicas of the database: told of a write transaction's commit,
+        #: or of the loss of the replica a read-only one runs on.
+        self._replicas: ReplicaSet | None = None
+        self._replica: Database | None = None
 
     @property
     def session(self) -> AsyncSession:
@@ -174,9 +181,6 @@ class TransactionManager:
                 f"{sorted(_ISOLATION_LEVELS[db.dialect])}, not {self.isolation_level!r}"
             )
             raise ValidationError(msg, field="isolation_level")
-        session = db.session()
-        scope = current_scope()
-        bind_session(session.sync_session, scope)
         options: dict[str, Any] = {}
         if self.isolation_level is not None:
             options["isolation_level"] = self.isolation_level
@@ -190,15 +194,23 @@ class TransactionManager:
             # first and writes later fails at once with SQLITE_BUSY when
             # another writer got in between.
             options[SQLITE_IMMEDIATE] = True
-        try:
-            with translate_errors():
-                connection = await session.connection(execution_options=options)
-            session.remember_connection(connection)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await session.close()
-            raise
-        self._session = session
+        replicas = db._replica_set
+        if self.read_only and replicas is not None:
+            # A read-only block may run on a replica; its BEGIN goes out now,
+            # so that a replica found unreachable is left for another.
+
+            async def on_replica(replica: Database) -> tuple[AsyncSession, Database]:
+                return await _open(replica, options, begin=True), replica
+
+            found = await replicas.begin_on_replica(on_replica)
+            if found is not None:
+                self._session, self._replica = found
+                self._replicas = replicas
+                return
+        with translate_errors():
+            self._session = await _open(db, options)
+        if replicas is not None and not self.read_only:
+            self._replicas = replicas
 
     async def _begin_nested(self, parent: TransactionManager) -> None:
         if self.isolation_level is not None or (
@@ -235,6 +247,7 @@ class TransactionManager:
         # Driver errors raised by statements inside the block leave it as
         # dotmac_core errors too (so @transactional sees 40001 / 40P01).
         translated = translate_error(exc)
+        self._note_lost_replica(translated)
         if translated is not exc:
             raise translated from exc
 
@@ -245,10 +258,22 @@ class TransactionManager:
             with translate_errors():
                 if self._savepoint is not None:
                     await self._savepoint.commit()
-                else:
+                elif self._replicas is None or self._replica is not None:
                     cancelled = await _uninterrupted(session.commit())
-        except BaseException:
+                else:
+                    pending = self._replicas.before_commit(session)
+                    try:
+                        cancelled = await _uninterrupted(session.commit())
+                    finally:
+                        # Also after a failed COMMIT, which may have committed.
+                        self._replicas.committed(pending)
+        except BaseException as exc:
             await self._rollback()
+            if self._note_lost_replica(exc):
+                # A read-only transaction has nothing to commit: what it read
+                # stands, and the block's next statements were none.
+                logger.info("replica lost at the COMMIT of a read-only transaction")
+                return
             raise
         self._state = _State.COMMITTED
         if self._parent is not None:
@@ -264,6 +289,17 @@ class TransactionManager:
             await self._close()
             await self._run_callbacks()
         raise cancelled
+
+    def _note_lost_replica(self, error: BaseException) -> bool:
+        """Tell the replicas that this block's replica was lost, if `error` says so."""
+        if (
+            self._replica is None
+            or self._replicas is None
+            or not isinstance(error, DatabaseConnectionError)
+        ):
+            return False
+        self._replicas.lost(self._replica, error)
+        return True
 
     async def _rollback(self) -> None:
         session = self._session
@@ -312,6 +348,30 @@ class TransactionManager:
                     await result
             except Exception:
                 logger.exception("on_commit callback %r failed", callback)
+
+
+async def _open(
+    db: Database, options: dict[str, Any], *, begin: bool = False
+) -> AsyncSession:
+    """A session of `db` bound to the current tenant, its connection taken.
+
+    With `begin`, the transaction's BEGIN is sent now rather than with the
+    first statement.
+    """
+    session = db.session()
+    bind_session(session.sync_session, current_scope())
+    try:
+        connection = await session.connection(execution_options=options)
+        session.remember_connection(connection)
+        if begin:
+            known = session.remembered_connection()
+            if known is not None:
+                await begin_now(known[1].dbapi_connection)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await session.close()
+        raise
+    return session
 
 
 async def _uninterrupted(

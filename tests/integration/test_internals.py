@@ -23,6 +23,7 @@ from sqlmodel.main import default_registry
 
 from dotmac_core import AsyncRepository, Database, DBBaseModel, TransactionManager
 from dotmac_core.db import _executor, _pool, _query, _rows, _writes
+from dotmac_core.db import session as session_module
 from dotmac_core.db._driver import compile_query
 from dotmac_core.db._facts import Scoping, facts_of
 from dotmac_core.db._types import UTCDateTime, uuid7, uuid7_batch
@@ -287,7 +288,7 @@ async def test_asyncpg_adapter_begins_its_transaction_when_asked(
 ) -> None:
     """SQLAlchemy's asyncpg adapter sends its held-back BEGIN on `_start_transaction()`.
 
-    `_executor._begin_now` calls that method (no public one exists) so that
+    `session_module.begin_now` calls that method (no public one exists) so that
     the first statement of a transaction can run on the driver, after the
     same BEGIN SQLAlchemy would send.
     """
@@ -298,9 +299,9 @@ async def test_asyncpg_adapter_begins_its_transaction_when_asked(
         driver = adapted.driver_connection
         assert adapted._transaction is None
         assert not driver.is_in_transaction()
-        assert await _executor._begin_now(adapted)
+        assert await session_module.begin_now(adapted)
         assert driver.is_in_transaction()
-        assert not await _executor._begin_now(adapted)  # begun already
+        assert not await session_module.begin_now(adapted)  # begun already
         raw.invalidate()  # not back to the pool inside that transaction
 
 
