@@ -3,7 +3,9 @@
 The primary is made with `initdb` in a temporary folder (the suite's own
 server is left alone: its replication settings are not ours to change);
 `pg_basebackup -c fast` copies it, with a replication slot, into a second
-folder that runs as a streaming hot standby. At the end of the session both
+folder that runs as a streaming hot standby, which replays each commit 50 ms
+late (`recovery_min_apply_delay`) so that reading it right after a commit is
+reliably stale. At the end of the session both
 are stopped, the slot dropped and the folders removed. The server processes
 run as the `postgres` user, as PostgreSQL requires of a root caller.
 """
@@ -269,7 +271,11 @@ async def _make() -> Replication:
             "-c",
             "CREATE EXTENSION pg_stat_statements",
         )
-        standby.configure(["hot_standby = on", preload])
+        # Replay each commit 50 ms late: a read right after a commit misses it
+        # on the standby every time, so a stale read cannot pass unnoticed.
+        standby.configure(
+            ["hot_standby = on", preload, "recovery_min_apply_delay = 50"]
+        )
         standby.start()
         await pair.wait_streaming()
     except BaseException:
