@@ -226,6 +226,18 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     return (RedisError, RedisClusterException, OSError)
 
 
+def _topology_errors() -> tuple[type[BaseException], ...]:
+    """Cluster failures after which the client's slot map may be out of date."""
+    from redis.exceptions import (
+        ClusterError,
+        RedisClusterException,
+        TimeoutError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return (RedisConnectionError, TimeoutError, ClusterError, RedisClusterException)
+
+
 def _connection_options(config: CacheConfig) -> dict[str, Any]:
     """redis-py connection settings of the standalone client."""
     from redis.asyncio.retry import Retry
@@ -474,12 +486,29 @@ class RedisClusterBackend(_RedisCommon):
         # first topology discovery is in flight; discover once, alone.
         self._cold = True
         self._warm_lock = asyncio.Lock()
+        self._discovered = False
+        #: Set by a failure that may mean the slot map is out of date.
+        self._stale = False
+        self._topology_errors = _topology_errors()
+
+    def _unavailable(self, exc: BaseException) -> CacheUnavailableError:
+        if isinstance(exc, self._topology_errors):
+            # With its retries off, the cluster client keeps a dead master in
+            # its slot map after a failed pipeline (`get_many`, `set_many`,
+            # split `UNLINK`): those keys would fail until a single-key
+            # command failed too. Re-discover before the next command instead.
+            self._stale = self._cold = True
+        return super()._unavailable(exc)
 
     async def _warm(self) -> RedisCluster:
-        """Discover the cluster topology once, before any concurrent command."""
+        """Discover the topology, first or again after a failure; one at a time."""
         async with self._warm_lock:
-            await self._cluster.initialize()  # a no-op once the topology is known
-            self._cold = False
+            if not self._discovered:
+                await self._cluster.initialize()
+                self._discovered = True
+            elif self._stale:
+                await self._cluster.nodes_manager.initialize()
+            self._stale = self._cold = False
         return self._cluster
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
