@@ -69,6 +69,11 @@ class Breaker:
     While Redis is down, a limit then decides in microseconds instead of
     waiting for a connect timeout on every call. After `reset` seconds the next
     call tries Redis again; one more failure opens the circuit again.
+
+    It also tells one outage from the next, as the cache's breaker does: an
+    outage starts with a failure and ends once Redis has answered for `reset`
+    seconds without one. A cluster with one master down (calls to the others
+    succeeding in between) is one outage, not an outage per failed call.
     """
 
     def __init__(
@@ -79,6 +84,8 @@ class Breaker:
         self._clock = clock
         self._failures = 0
         self._opened_at = -math.inf
+        self._outage_since: float | None = None
+        self._healthy_since: float | None = None
 
     def is_open(self) -> bool:
         """Whether calls should skip Redis now."""
@@ -89,16 +96,29 @@ class Breaker:
 
     def failed(self) -> bool:
         """Count a failure; return whether it starts an outage."""
+        now = self._clock()
         self._failures += 1
+        self._healthy_since = None
         if self._failures >= self._threshold:
-            self._opened_at = self._clock()
-        return self._failures == 1
+            self._opened_at = now
+        if self._outage_since is None:
+            self._outage_since = now
+            return True
+        return False
 
-    def succeeded(self) -> bool:
-        """Count a success; return whether it ends an outage."""
-        ended = self._failures > 0
+    def succeeded(self) -> float | None:
+        """Count a success; return the outage's length in seconds if it ends now."""
         self._failures = 0
-        return ended
+        if self._outage_since is None:
+            return None
+        now = self._clock()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        if now - self._healthy_since < self._reset:
+            return None
+        lasted = self._healthy_since - self._outage_since
+        self._outage_since = self._healthy_since = None
+        return lasted
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +162,11 @@ def _client(settings: RedisSettings) -> Redis | RedisCluster:
         "retry": Retry(NoBackoff(), 0),
     }
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, **options)
+        # As the cache's cluster client: while a failed master's replica takes
+        # over, limits on the other masters' slots keep being checked.
+        return RedisCluster.from_url(
+            settings.url, require_full_coverage=False, **options
+        )
     return Redis.from_url(settings.url, **options)
 
 
@@ -207,9 +231,13 @@ class RedisWindowStore:
                 # Any failure on the Redis path, a redis-py bug included, is the
                 # backend failing: the limit's fail_open decides what happens.
                 raise self._failure(exc) from exc
-        if self._breaker.succeeded():
+        lasted = self._breaker.succeeded()
+        if lasted is not None:
             logger.info(
-                "rate limiting: Redis at %s answers again", self._settings.address
+                "rate limiting: Redis at %s answers again; limits checked again "
+                "after %.1f s",
+                self._settings.address,
+                lasted,
             )
         admitted, remaining, retry_after_us = reply
         return Decision(bool(admitted), int(remaining), int(retry_after_us) / 1e6)

@@ -292,7 +292,12 @@ async def test_a_redis_error_on_the_key_follows_the_policy(
 ) -> None:
     """A command error (WRONGTYPE) is a failure too; recovery is logged."""
     caplog.set_level(logging.INFO, logger="dotmac_core.ratelimit")
-    config = CacheConfig(backend="redis", url=redis_url, key_prefix=redis_prefix)
+    config = CacheConfig(
+        backend="redis",
+        url=redis_url,
+        key_prefix=redis_prefix,
+        circuit_breaker_reset=0.05,
+    )
     key = f"{redis_prefix}ratelimit:{{clash}}:1/60.0s"
 
     @rate_limit(1, 60, key="clash", backend=config, fail_open=False)
@@ -314,6 +319,10 @@ async def test_a_redis_error_on_the_key_follows_the_policy(
     finally:
         await client.aclose()
     await strict()
+    # Recovery is logged once Redis has answered for circuit_breaker_reset s.
+    await asyncio.sleep(0.06)
+    with pytest.raises(RateLimitExceededError):
+        await strict()
     messages = [r.getMessage() for r in caplog.records]
     assert any("failed (ResponseError)" in m for m in messages)
     assert any("answers again" in m for m in messages)

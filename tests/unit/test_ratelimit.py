@@ -341,6 +341,24 @@ def test_breaker_opens_after_threshold_and_probes_after_reset() -> None:
     breaker.failed()
     assert breaker.is_open()  # the probe failed: open again
     clock.now += 5
-    assert breaker.succeeded()  # the probe worked: the outage is over
+    assert breaker.succeeded() is None  # the probe worked: the circuit closes
     assert not breaker.is_open()
-    assert not breaker.succeeded()
+    clock.now += 5
+    # Redis answered for `reset` seconds: the outage (0 s to 10 s) is over.
+    assert breaker.succeeded() == 10
+    assert breaker.succeeded() is None
+
+
+def test_breaker_takes_failures_between_successes_for_one_outage() -> None:
+    """One master down in a cluster: failures and successes alternate, one outage."""
+    clock = Clock()
+    breaker = Breaker(threshold=3, reset=5, clock=clock)
+    assert breaker.failed()
+    for _ in range(10):
+        assert breaker.succeeded() is None
+        clock.now += 1
+        assert not breaker.failed()  # the same outage, not a new one
+    assert breaker.succeeded() is None
+    clock.now += 5
+    assert breaker.succeeded() == 10
+    assert breaker.failed()  # a failure after that starts the next outage
