@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import CacheConfig, DatabaseConfig, SecurityConfig
-from .exceptions import DotMacError
+from .exceptions import DotMacError, translate_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+
+    from .db.database import Database
 
 __all__ = ["Check", "main", "run_checks"]
 
@@ -136,6 +138,11 @@ async def _check_database(config: DatabaseConfig, check: Check) -> None:
                 query = "SELECT 'PostgreSQL ' || current_setting('server_version')"
             version = (await conn.exec_driver_sql(query)).scalar()
             latency = await _median_round_trip(lambda: conn.exec_driver_sql("SELECT 1"))
+            written = None
+            if database.replicas:
+                written = (await conn.exec_driver_sql(_WAL_WRITTEN)).scalar()
+        for replica in database.replicas:
+            await _check_replica(replica, written, check)
     finally:
         await database.dispose()
     check.details.append(f"server: {version}")
@@ -154,6 +161,38 @@ async def _check_database(config: DatabaseConfig, check: Check) -> None:
             else "pgbouncer mode: off (set DOTMAC_DB_PGBOUNCER=true behind "
             "a transaction-mode pooler)"
         )
+
+
+_WAL_WRITTEN = "SELECT pg_current_wal_insert_lsn()::text"
+_REPLAY = (
+    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
+    "extract(epoch FROM now() - pg_last_xact_replay_timestamp())"
+)
+
+
+async def _check_replica(replica: Database, written: str | None, check: Check) -> None:
+    """A replica's line: reachable, in recovery, and how far behind the primary."""
+    from .db._replicas import parse_lsn
+
+    shown = replica.url.render_as_string(hide_password=True)
+
+    async def read() -> Any:
+        async with replica.engine.connect() as conn:
+            return (await conn.exec_driver_sql(_REPLAY)).one()
+
+    try:
+        recovering, replayed, age = await asyncio.wait_for(read(), CHECK_TIMEOUT / 2)
+    except Exception as exc:  # noqa: BLE001 - reported: reads fall back to the primary
+        check.warn(f"replica {shown}: unreachable ({_error(translate_error(exc))})")
+        return
+    if not recovering:
+        check.warn(f"replica {shown}: not in recovery (not a hot standby)")
+        return
+    behind = ""
+    if written is not None and replayed is not None:
+        behind = f", {max(0, parse_lsn(written) - parse_lsn(replayed)):,} bytes behind"
+    last = "" if age is None else f", last replayed commit {float(age):.1f} s ago"
+    check.details.append(f"replica {shown}: hot standby{behind}{last}")
 
 
 # --- the cache ------------------------------------------------------------------

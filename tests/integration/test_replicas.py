@@ -352,3 +352,26 @@ def test_replicas_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert "pw" not in repr(database)
     with pytest.raises(ConfigurationError):
         DatabaseConfig(url="postgresql://u@p/app", replicas=["mysql://u@r/app"])
+
+
+async def test_doctor_reports_each_replica(
+    pg_replication: Replication, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`doctor` names the standby, how far behind it is, and a dead replica."""
+    from dotmac_core.doctor import run_checks
+
+    from ..faults import dead_port
+
+    for name in ("DOTMAC_DB_URL", "DOTMAC_DB_REPLICAS"):
+        monkeypatch.delenv(name, raising=False)
+    dead = f"postgresql://postgres@127.0.0.1:{dead_port()}/dotmac"
+    monkeypatch.setenv("DOTMAC_DB_URL", pg_replication.primary.url)
+    monkeypatch.setenv("DOTMAC_DB_REPLICAS", f"{pg_replication.standby.url},{dead}")
+    found, _ = await run_checks()
+    checks = {check.name: check for check in found}
+    database = checks["database"]
+    lines = "\n".join(database.details)
+    assert f"127.0.0.1:{pg_replication.standby.port}/dotmac: hot standby, " in lines
+    assert "bytes behind" in lines
+    assert database.status == "warn"
+    assert "unreachable" in lines
