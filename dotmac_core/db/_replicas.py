@@ -169,7 +169,7 @@ class ReplicaSet:
                 return await attempt(member.database)
             except Exception as exc:
                 error = translate_error(exc)
-                if isinstance(error, DatabaseConnectionError):
+                if _unusable(error):
                     self._down(member, error)
                     continue
                 if isinstance(error, TransactionConflictError):
@@ -191,7 +191,7 @@ class ReplicaSet:
                 return await begin(member.database)
             except Exception as exc:
                 error = translate_error(exc)
-                if not isinstance(error, DatabaseConnectionError):
+                if not _unusable(error):
                     raise
                 self._down(member, error)
 
@@ -204,8 +204,8 @@ class ReplicaSet:
     def _down(self, member: _Replica, error: BaseException) -> None:
         if member.healthy:
             logger.warning(
-                "replica %r unreachable (%s): reads go to the other replicas or "
-                "the primary; checked again in %.1f s",
+                "replica %r cannot serve reads (%s): they go to the other "
+                "replicas or the primary; checked again in %.1f s",
                 member.database.url,
                 error,
                 self._retry_after,
@@ -302,6 +302,19 @@ class ReplicaSet:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # a probe catches its own errors
+
+
+def _unusable(error: BaseException) -> bool:
+    """Whether `error` says the replica cannot serve anyone, not this statement.
+
+    Unreachable or lost, and also refusing the login (SQLSTATE class 28) or
+    lacking the database (3D000): a replica set up wrong is left out (with
+    its WARNING) rather than failing the reads the primary can serve.
+    """
+    if isinstance(error, DatabaseConnectionError):
+        return True
+    state = getattr(error, "sqlstate", None) or ""
+    return state.startswith("28") or state == "3D000"
 
 
 async def _fetch_value(database: Database, sql: str) -> Any:

@@ -313,7 +313,7 @@ async def test_a_killed_replica_leaves_reads_on_the_primary_without_errors(
             await pg_replication.wait_streaming()
     assert errors == []
     assert reads > before_kill
-    assert any("unreachable" in r.getMessage() for r in caplog.records)
+    assert any("cannot serve reads" in r.getMessage() for r in caplog.records)
 
     # Back: once its retry time has passed, a probe readmits it.
     await pg_replication.replayed()
@@ -375,3 +375,22 @@ async def test_doctor_reports_each_replica(
     assert "bytes behind" in lines
     assert database.status == "warn"
     assert "unreachable" in lines
+
+
+async def test_a_replica_set_up_wrong_is_left_out(
+    pg_replication: Replication, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica lacking the database (3D000) warns; reads run on the primary."""
+    wrong = pg_replication.standby.url.rsplit("/", 1)[0] + "/no_such_database"
+    database = Database(pg_replication.primary.url, replicas=[wrong])
+    tags = TagRepository(db=database)
+    try:
+        await database.create_all()
+        made = await tags.create({"label": uuid.uuid4().hex[:20]})
+        with caplog.at_level(logging.WARNING, logger="dotmac_core.db"):
+            for _ in range(3):
+                assert await in_new_context(lambda: tags.get_by_id(made.id))
+        warnings = [r for r in caplog.records if "cannot serve" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        await database.dispose()
