@@ -86,9 +86,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is not None:
         return
     comm = Path(f"/proc/{process.pid}/comm")
-    name = comm.read_text().strip() if comm.exists() else "pgbouncer"
-    if name == "pgbouncer":
-        os.kill(process.pid, signal.SIGTERM)
+    if comm.exists() and comm.read_text().strip() != "pgbouncer":
+        return  # not the process we started: never signal it
+    os.kill(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -111,7 +111,7 @@ def pgbouncer() -> Iterator[str]:
     (directory / "userlist.txt").write_text(f'"{user}" ""\n')
     config = directory / "pgbouncer.ini"
     config.write_text(_config(directory, port))
-    command = [binary, "-q"]
+    command = [binary]
     if os.geteuid() == 0:
         # Root may not run PgBouncer: it switches to RUN_AS, which must be
         # able to write its log, pid file and socket in the directory.
@@ -123,9 +123,16 @@ def pgbouncer() -> Iterator[str]:
         for path in (directory, *directory.iterdir()):
             os.chown(path, account.pw_uid, account.pw_gid)
         command += ["-u", RUN_AS]
-    process = subprocess.Popen(  # noqa: S603 - our own binary and config
-        [*command, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    # Its own log says why it stopped once running; stderr, why it did not start.
+    errors = (directory / "stderr.log").open("wb")
+    try:
+        process = subprocess.Popen(  # noqa: S603 - our own binary and config
+            [*command, str(config)], stdout=subprocess.DEVNULL, stderr=errors
+        )
+    except OSError as exc:
+        errors.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        service_unavailable("PgBouncer", binary, exc)
     url = (
         make_url(PG_URL)
         .set(host="127.0.0.1", port=port)
@@ -135,14 +142,14 @@ def pgbouncer() -> Iterator[str]:
         _wait_listening(process, port)
     except RuntimeError as exc:
         _stop(process)
-        log = directory / "pgbouncer.log"
-        detail = log.read_text()[-2000:] if log.exists() else ""
+        errors.close()
+        logs = [directory / "stderr.log", directory / "pgbouncer.log"]
+        detail = "".join(log.read_text()[-2000:] for log in logs if log.exists())
         shutil.rmtree(directory, ignore_errors=True)
         service_unavailable("PgBouncer", url, RuntimeError(f"{exc}\n{detail}"))
     try:
         yield url
     finally:
         _stop(process)
-        if process.stderr is not None:
-            process.stderr.close()
+        errors.close()
         shutil.rmtree(directory, ignore_errors=True)
