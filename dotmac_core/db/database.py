@@ -8,7 +8,6 @@ import re
 import socket
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
-from uuid import uuid4
 
 import anyio
 from pydantic import SecretStr
@@ -483,10 +482,6 @@ def _install_tcp_keepalive(engine: AsyncEngine, seconds: float) -> None:
         for level, name, value in options:
             with contextlib.suppress(OSError):
                 sock.setsockopt(level, name, value)
-
-
-def _unique_statement_name() -> str:
-    return f"__asyncpg_{uuid4()}__"
 
 
 def _is_memory(config: DatabaseConfig) -> bool:
