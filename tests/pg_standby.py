@@ -108,6 +108,11 @@ class Server:
         """The data directory."""
         return self.directory / "data"
 
+    def tool(self, name: str, *args: str | Path) -> str:
+        """Run the client program `name` against this server; its output."""
+        where = ("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres")
+        return _as_postgres(self.bindir / name, *where, *args)
+
     def configure(self, lines: Sequence[str]) -> None:
         """Write the server's settings: its port and socket, and `lines`."""
         settings = [
@@ -229,26 +234,11 @@ async def _make() -> Replication:
         preload = "shared_preload_libraries = 'pg_stat_statements'"
         primary.configure(["wal_level = replica", "max_wal_senders = 4", preload])
         primary.start()
-        _as_postgres(
-            str(bindir / "createdb"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(primary.port),
-            "-U",
-            "postgres",
-            DATABASE,
-        )
-        _as_postgres(
-            str(bindir / "pg_basebackup"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(primary.port),
-            "-U",
-            "postgres",
+        primary.tool("createdb", DATABASE)
+        primary.tool(
+            "pg_basebackup",
             "-D",
-            str(standby.data),
+            standby.data,
             "-R",
             "-X",
             "stream",
@@ -258,18 +248,8 @@ async def _make() -> Replication:
             "-S",
             SLOT,
         )
-        _as_postgres(
-            bindir / "psql",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(primary.port),
-            "-U",
-            "postgres",
-            "-d",
-            DATABASE,
-            "-c",
-            "CREATE EXTENSION pg_stat_statements",
+        primary.tool(
+            "psql", "-d", DATABASE, "-c", "CREATE EXTENSION pg_stat_statements"
         )
         # Replay each commit 50 ms late: a read right after a commit misses it
         # on the standby every time, so a stale read cannot pass unnoticed.
@@ -286,16 +266,14 @@ async def _make() -> Replication:
 
 def _drop_slot(primary: Server) -> None:
     """Drop the standby's slot (the walsender lets it go just after the standby)."""
-    psql = [str(primary.bindir / "psql"), "-h", "127.0.0.1", "-p", str(primary.port)]
-    psql += ["-U", "postgres", "-d", DATABASE, "-Atc"]
     query = (
         "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots"
         f" WHERE slot_name = '{SLOT}' AND NOT active"
     )
     left = f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
     for _ in range(100):
-        _as_postgres(*psql, query)
-        if _as_postgres(*psql, left).strip() == "0":
+        primary.tool("psql", "-d", DATABASE, "-Atc", query)
+        if primary.tool("psql", "-d", DATABASE, "-Atc", left).strip() == "0":
             return
         time.sleep(0.05)
 

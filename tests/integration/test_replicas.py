@@ -98,8 +98,9 @@ async def test_a_write_then_a_read_in_one_context_never_reads_stale(
 
     Every other try writes through a `TransactionManager` (the commit's WAL
     position is read on its connection), the rest through the pooled
-    driver path; all read at once after the write. Meanwhile a reader that
-    never writes keeps reading, and its reads are served by the standby.
+    driver path; all read at once after the write, on the driver path and
+    through the session. Meanwhile a reader that never writes keeps reading,
+    and its reads are served by the standby.
     """
     tags = TagRepository(db=routed)
     seed = await in_new_context(lambda: tags.create({"label": uuid.uuid4().hex[:20]}))
@@ -120,6 +121,11 @@ async def test_a_write_then_a_read_in_one_context_never_reads_stale(
         await tags.update(made.id, {"weight": i + 1})
         again = await tags.get_by_field("label", label)
         if again is None or again.weight != i + 1:
+            stale.append(i)
+            return
+        # An `in` list runs through SQLAlchemy's session: routed the same way.
+        listed = await tags.list({"id__in": [made.id]})
+        if [tag.weight for tag in listed] != [i + 1]:
             stale.append(i)
 
     others = 0
