@@ -144,7 +144,7 @@ class Database:
         self._read_factory = async_sessionmaker(
             reads, class_=AsyncSession, expire_on_commit=False
         )
-        #: The hot standbys reads may go to (see `_replicas.py`).
+        #: The hot standbys reads may go to, one `Database` each (docs/scaling.md).
         self.replicas: tuple[Database, ...] = ()
         self._replica_set: ReplicaSet | None = None
         if config.replicas:

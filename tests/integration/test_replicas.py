@@ -400,3 +400,28 @@ async def test_a_replica_set_up_wrong_is_left_out(
         assert len(warnings) == 1
     finally:
         await database.dispose()
+
+
+async def test_a_write_whose_position_cannot_be_read_stays_on_the_primary(
+    routed: Database,
+) -> None:
+    """The WAL position query failing after a write: the window covers the context."""
+    replicas = routed._replica_set
+    assert replicas is not None
+
+    class Gone:
+        """A connection that fails the position query (fault injection)."""
+
+        async def fetchval(self, sql: str) -> str:
+            raise ConnectionResetError(sql)
+
+    async def wrote_then_choice() -> object:
+        await replicas.after_pooled_write(Gone())
+        return replicas._choose()
+
+    assert await in_new_context(wrote_then_choice) is None  # the primary
+
+    async def choice() -> object:
+        return replicas._choose()
+
+    assert await in_new_context(choice) is not None  # others: the replica
