@@ -133,6 +133,9 @@ class Engine:
         """
         mode = self.breaker.acquire()
         if mode == SKIP:
+            # Still a point where other tasks run: a loop of calls answered
+            # without Redis would otherwise hold the event loop to itself.
+            await asyncio.sleep(0)
             return self._unavailable(fallback, None)
         try:
             if self.deadline is None or not bounded:

@@ -94,6 +94,32 @@ async def test_dead_port_fails_open_fast(
     await cache.aclose()
 
 
+async def test_calls_skipped_by_an_open_circuit_let_other_tasks_run(
+    dead_url: str, redis_prefix: str, cache_log: pytest.LogCaptureFixture
+) -> None:
+    """A loop of cache calls answered without Redis still yields to other tasks."""
+    cache = _service(dead_url, redis_prefix, circuit_breaker_reset=60)
+    for _ in range(FAST["circuit_breaker_threshold"]):
+        await cache.get("k")  # refused: opens the circuit
+    ran = 0
+
+    async def other() -> None:
+        nonlocal ran
+        while True:
+            ran += 1
+            await asyncio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await asyncio.sleep(0)  # let it start
+        before = ran
+        for _ in range(100):
+            assert await cache.get("k", "miss") == "miss"
+        assert ran - before >= 99  # once per skipped call, give or take
+        tg.cancel_scope.cancel()
+    await cache.aclose()
+
+
 async def test_hung_server_opens_the_circuit(
     proxy: FaultProxy,
     redis_url: str,
