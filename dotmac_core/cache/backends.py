@@ -215,27 +215,25 @@ def _glob_escape(prefix: str) -> str:
 
 
 def _failure_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the server or the network failed".
+    """Exceptions that mean "the backend failed": any the Redis client raises.
 
-    `RedisClusterException` is listed on its own: since redis-py 7 it is not a
-    `RedisError`, so catching `RedisError` alone would let cluster outages
-    (for example "slots not covered" during a failover) escape.
+    Its own errors, the network's, and its bugs alike: redis-py 5.2's
+    connection raised `AttributeError` ("'NoneType' object has no attribute
+    'writelines'") for a command sent on a connection closed under it during
+    a cluster failover. Whatever the client raises, the cache fails open (or
+    raises `CacheUnavailableError`) and the reason names the exception.
+    `RedisClusterException` (not a `RedisError` since redis-py 7) is covered.
     """
-    from redis.exceptions import RedisClusterException, RedisError
-
-    return (RedisError, RedisClusterException, OSError)
+    return (Exception,)
 
 
-def _topology_errors() -> tuple[type[BaseException], ...]:
-    """Cluster failures after which the client's slot map may be out of date."""
-    from redis.exceptions import (
-        ClusterError,
-        RedisClusterException,
-        TimeoutError,
-    )
-    from redis.exceptions import ConnectionError as RedisConnectionError
+def _answers() -> tuple[
+    tuple[type[BaseException], ...], tuple[type[BaseException], ...]
+]:
+    """A server's error replies, and those of them that concern the cluster."""
+    from redis.exceptions import ClusterError, ResponseError
 
-    return (RedisConnectionError, TimeoutError, ClusterError, RedisClusterException)
+    return (ResponseError,), (ClusterError,)
 
 
 def _connection_options(config: CacheConfig) -> dict[str, Any]:
@@ -489,14 +487,16 @@ class RedisClusterBackend(_RedisCommon):
         self._discovered = False
         #: Set by a failure that may mean the slot map is out of date.
         self._stale = False
-        self._topology_errors = _topology_errors()
+        self._replies, self._cluster_replies = _answers()
 
     def _unavailable(self, exc: BaseException) -> CacheUnavailableError:
-        if isinstance(exc, self._topology_errors):
-            # With its retries off, the cluster client keeps a dead master in
-            # its slot map after a failed pipeline (`get_many`, `set_many`,
-            # split `UNLINK`): those keys would fail until a single-key
-            # command failed too. Re-discover before the next command instead.
+        if not isinstance(exc, self._replies) or isinstance(exc, self._cluster_replies):
+            # Anything but a server's plain error reply (a lost node, a
+            # timeout, a cluster error, a client bug): with its retries off,
+            # the cluster client keeps a dead master in its slot map after a
+            # failed pipeline (`get_many`, `set_many`, split `UNLINK`), and
+            # those keys would fail until a single-key command failed too.
+            # Re-discover before the next command instead.
             self._stale = self._cold = True
         return super()._unavailable(exc)
 

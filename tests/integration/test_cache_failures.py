@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -117,6 +117,35 @@ async def test_calls_skipped_by_an_open_circuit_let_other_tasks_run(
             assert await cache.get("k", "miss") == "miss"
         assert ran - before >= 99  # once per skipped call, give or take
         tg.cancel_scope.cancel()
+    await cache.aclose()
+
+
+async def test_a_client_bug_fails_open_like_an_outage(
+    redis_url: str,
+    redis_prefix: str,
+    cache_log: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any exception out of the Redis client is the backend failing, not the call's.
+
+    redis-py 5.2 raised `AttributeError` for a command sent on a connection
+    closed under it during a cluster failover; here the client's `get`
+    raises it (fault injection on a real server).
+    """
+    cache = _service(redis_url, redis_prefix)
+    await cache.set("k", 1)
+
+    async def broken(*_args: object, **_kwargs: object) -> None:
+        message = "'NoneType' object has no attribute 'writelines'"
+        raise AttributeError(message)
+
+    backend: Any = cache.backend
+    monkeypatch.setattr(backend._client, "get", broken)
+    assert await cache.get("k", "miss") == "miss"
+    assert cache.fail_opens.count == 1
+    assert "AttributeError" in (cache.fail_opens.last_reason or "")
+    monkeypatch.undo()
+    assert await cache.get("k") == 1
     await cache.aclose()
 
 
