@@ -202,7 +202,8 @@ class TransactionManager:
             async def on_replica(replica: Database) -> tuple[AsyncSession, Database]:
                 return await _open(replica, options, begin=True), replica
 
-            found = await replicas.begin_on_replica(on_replica)
+            with translate_errors():
+                found = await replicas.begin_on_replica(on_replica)
             if found is not None:
                 self._session, self._replica = found
                 self._replicas = replicas
@@ -363,10 +364,17 @@ async def _open(
     try:
         connection = await session.connection(execution_options=options)
         session.remember_connection(connection)
-        if begin:
-            known = session.remembered_connection()
-            if known is not None:
+        known = session.remembered_connection() if begin else None
+        if known is not None:
+            try:
                 await begin_now(known[1].dbapi_connection)
+            except BaseException:
+                # Cut off or failed with its BEGIN under way, the server may
+                # hold a transaction the adapter does not know of: the
+                # connection must not go back to the pool.
+                with anyio.CancelScope(shield=True):
+                    await connection.invalidate()
+                raise
     except BaseException:
         with anyio.CancelScope(shield=True):
             await session.close()

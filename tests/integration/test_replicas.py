@@ -425,3 +425,40 @@ async def test_a_write_whose_position_cannot_be_read_stays_on_the_primary(
         return replicas._choose()
 
     assert await in_new_context(choice) is not None  # others: the replica
+
+
+async def test_cancelled_read_only_blocks_on_the_replica_leave_nothing_open(
+    routed: Database, pg_replication: Replication
+) -> None:
+    """Read-only blocks cut off at any point (BEGIN included) leak no connection."""
+    import random
+
+    import asyncpg
+
+    replica = routed.replicas[0]
+
+    async def block(delay: float) -> None:
+        with anyio.move_on_after(delay):
+            async with TransactionManager(routed, read_only=True) as tx:
+                await tx.session.exec(text("SELECT pg_sleep(0.002)"))
+
+    rng = random.Random(14)  # noqa: S311 - cut-off points, not secrets
+    for _ in range(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(in_new_context, lambda: block(rng.uniform(0, 0.004)))
+    assert replica.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    conn = await asyncpg.connect(pg_replication.standby.dsn)
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+    )
+    try:
+        for _ in range(100):  # a rollback under way may take a moment
+            open_transactions = await conn.fetchval(query)
+            if not open_transactions:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    assert open_transactions == 0
