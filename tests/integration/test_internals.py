@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import event, inspect, select
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncSession as PlainSession
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import make_transient_to_detached
@@ -303,6 +303,39 @@ async def test_asyncpg_adapter_begins_its_transaction_when_asked(
         assert driver.is_in_transaction()
         assert not await session_module.begin_now(adapted)  # begun already
         raw.invalidate()  # not back to the pool inside that transaction
+
+
+@pytest.mark.postgres
+async def test_after_commit_runs_before_the_connection_goes_back(
+    pg_factory: Any,
+) -> None:
+    """SQLAlchemy's `after_commit` fires after COMMIT, its connection still checked out.
+
+    `_replicas` reads the WAL position there, on the connection that just
+    committed (in the commit's greenlet, by `await_only`), before another
+    task can take that connection from the pool.
+    """
+    from sqlalchemy.util import await_only
+
+    db = await pg_factory()
+    seen: list[tuple[int, bool, str]] = []
+    async with TransactionManager(db) as tx:
+        session = tx.session
+        known = session.remembered_connection()
+        assert known is not None
+        pooled = known[1]
+        pool: Any = db.engine.sync_engine.pool
+
+        def after_commit(_session: Any) -> None:
+            driver = pooled.driver_connection
+            position = await_only(driver.fetchval("SELECT pg_current_wal_insert_lsn()"))
+            seen.append((pool.checkedout(), driver.is_in_transaction(), str(position)))
+
+        event.listen(session.sync_session, "after_commit", after_commit)
+        await session.exec(text("SELECT 1"))
+    assert seen
+    assert seen[0][:2] == (1, False)  # committed, not yet returned
+    assert pool.checkedout() == 0
 
 
 @pytest.mark.postgres
