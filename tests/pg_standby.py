@@ -208,7 +208,11 @@ def _bindir() -> Path:
 
 async def _make() -> Replication:
     bindir = _bindir()
-    owner = pwd.getpwnam("postgres")
+    # Run as root, the servers run as the postgres user and own their folders;
+    # run as anyone else, they run as that user.
+    owner = (
+        pwd.getpwnam("postgres") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    )
     directory = Path(tempfile.mkdtemp(prefix="dotmac-replication-"))
     os.chown(directory, owner.pw_uid, owner.pw_gid)
     primary = Server(directory / "primary", bindir, _free_port())
