@@ -24,7 +24,7 @@ import anyio.lowlevel
 from sqlalchemy import insert as sa_insert
 
 from ..exceptions import translate_errors
-from . import _executor, _rows
+from . import _executor, _replicas, _rows
 from ._driver import evaluate_default
 from ._rows import batch_allocation
 from ._validation import per_call_fields
@@ -158,11 +158,15 @@ async def _copy(
         )
 
     failed: list[Exception] = []
+    noted: list[Any] = []
 
     async def send() -> None:
         try:
             if found is None:
                 await driver.use(copy, write=True)
+                # The write's note for read-your-writes lives in this task's
+                # context: the caller's context takes it over below.
+                noted.append(_replicas.written_here())
             else:
                 _, connected, connection = found
                 assert session is not None  # noqa: S101 - found came from it
@@ -179,6 +183,8 @@ async def _copy(
         await anyio.lowlevel.checkpoint()
         with batch_allocation():
             made = _rows.from_values(facts, rows)
+    for marks in noted:
+        _replicas.carry(marks)
     if failed:
         with translate_errors():
             raise failed[0]

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .database import Database
     from .session import AsyncSession
 
-__all__ = ["ReplicaSet", "parse_lsn"]
+__all__ = ["ReplicaSet", "carry", "parse_lsn", "written_here"]
 
 logger = logging.getLogger("dotmac_core.db")
 
@@ -315,6 +315,17 @@ def _unusable(error: BaseException) -> bool:
         return True
     state = getattr(error, "sqlstate", None) or ""
     return state.startswith("28") or state == "3D000"
+
+
+def written_here() -> Mapping[ReplicaSet, Written] | None:
+    """What this context noted as written (to carry out of a task of its own)."""
+    return _WRITTEN.get()
+
+
+def carry(marks: Mapping[ReplicaSet, Written] | None) -> None:
+    """Note here what a task started from this context noted (`written_here`)."""
+    if marks and marks is not _WRITTEN.get():
+        _WRITTEN.set({**(_WRITTEN.get() or {}), **marks})
 
 
 async def _fetch_value(database: Database, sql: str) -> Any:

@@ -462,3 +462,18 @@ async def test_cancelled_read_only_blocks_on_the_replica_leave_nothing_open(
     finally:
         await conn.close()
     assert open_transactions == 0
+
+
+async def test_a_bulk_write_then_a_read_never_reads_stale(routed: Database) -> None:
+    """`create_many` (COPY, sent from a task of its own) notes its write too."""
+    tags = TagRepository(db=routed)
+
+    async def bulk_then_read(i: int) -> bool:
+        made = await tags.create_many(
+            [{"label": f"bulk-{i}-{n}-{uuid.uuid4().hex[:8]}"} for n in range(50)]
+        )
+        found = await tags.list({"id__in": [tag.id for tag in made]})
+        return len(found) == len(made) and await tags.get_by_id(made[-1].id) is not None
+
+    results = [await in_new_context(lambda i=i: bulk_then_read(i)) for i in range(20)]
+    assert all(results)
