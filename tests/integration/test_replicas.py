@@ -477,3 +477,26 @@ async def test_a_bulk_write_then_a_read_never_reads_stale(routed: Database) -> N
 
     results = [await in_new_context(lambda i=i: bulk_then_read(i)) for i in range(20)]
     assert all(results)
+
+
+async def test_every_kind_of_write_is_read_back_at_once(routed: Database) -> None:
+    """upsert, update_many, soft delete, restore and hard delete: each read at once."""
+    members = MemberRepository(db=routed)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        with tenant_scope(tenant):
+            made = await members.create({"email": f"{tenant}@x.com", "name": "a"})
+            await members.upsert({"id": made.id, "email": made.email, "name": "b"})
+            assert (await members.get_one(id=made.id)).name == "b"
+            assert await members.update_many({"id": made.id}, {"rank": 7}) == 1
+            assert (await members.get_one(id=made.id)).rank == 7
+            assert await members.delete(made.id)
+            assert await members.get_by_id(made.id) is None
+            await members.restore(made.id)
+            assert await members.count({"id": made.id}) == 1
+            assert await members.delete(made.id, hard=True)
+            assert not await members.exists({"id": made.id})
+
+    for _ in range(10):
+        await in_new_context(scenario)
