@@ -217,11 +217,13 @@ def _glob_escape(prefix: str) -> str:
 def _failure_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the backend failed": any the Redis client raises.
 
-    Its own errors, the network's, and its bugs alike: redis-py 5.2's
-    connection raised `AttributeError` ("'NoneType' object has no attribute
-    'writelines'") for a command sent on a connection closed under it during
-    a cluster failover. Whatever the client raises, the cache fails open (or
-    raises `CacheUnavailableError`) and the reason names the exception.
+    Its own errors, the network's, and its bugs alike: redis-py's asyncio
+    connection has raised `AttributeError` ("'NoneType' object has no
+    attribute 'writelines'") or `TypeError` for a command sent on a
+    connection closed under it (seen with 5.x and 6.0 during cluster
+    failovers; redis/redis-py#4287 on Python 3.12 and later). Whatever the
+    client raises, the cache fails open (or raises `CacheUnavailableError`)
+    and the reason names the exception.
     `RedisClusterException` (not a `RedisError` since redis-py 7) is covered.
     """
     return (Exception,)
@@ -250,8 +252,8 @@ def _connection_options(config: CacheConfig) -> dict[str, Any]:
         # pooled connection the server closed while idle. Timeouts are not
         # retried, so a hung server costs one socket_timeout, not eleven.
         "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        # redis-py 5 retries only the errors named here, whatever the Retry
-        # supports (a reset connection was not retried); 8 takes both.
+        # Some redis-py releases (5.x) retry only the errors named here,
+        # whatever the Retry supports; naming them costs nothing on others.
         "retry_on_error": [RedisConnectionError],
     }
 

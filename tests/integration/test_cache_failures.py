@@ -128,9 +128,9 @@ async def test_a_client_bug_fails_open_like_an_outage(
 ) -> None:
     """Any exception out of the Redis client is the backend failing, not the call's.
 
-    redis-py 5.2 raised `AttributeError` for a command sent on a connection
-    closed under it during a cluster failover; here the client's `get`
-    raises it (fault injection on a real server).
+    redis-py's asyncio client has raised `AttributeError` for a command sent
+    on a connection closed under it during a cluster failover; here the
+    client's `get` raises it (fault injection on a real server).
     """
     cache = _service(redis_url, redis_prefix)
     await cache.set("k", 1)
