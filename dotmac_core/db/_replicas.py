@@ -295,13 +295,19 @@ class ReplicaSet:
         self.wrote(pending.lsn)
 
     async def aclose(self) -> None:
-        """Stop the probes under way."""
+        """Stop the probes under way (those of this event loop are awaited)."""
+        loop = asyncio.get_running_loop()
         tasks = list(self._tasks)
+        self._tasks.clear()
         for task in tasks:
-            task.cancel()
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # a probe catches its own errors
+            if task.get_loop() is loop:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # a probe catches its own errors
+        for member in self.members:
+            member.probe = None  # used again, the database probes afresh
 
 
 def _unusable(error: BaseException) -> bool:
