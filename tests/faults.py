@@ -280,7 +280,7 @@ class FaultProxy:
 
 
 def dead_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
+    """A loopback port nothing listens on (bound, then released): free for a server."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

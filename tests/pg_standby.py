@@ -17,7 +17,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,18 +27,12 @@ from pathlib import Path
 import pytest
 
 from .conftest import service_unavailable
+from .faults import dead_port
 
 #: Seconds a server may take to start, or the standby to stream.
 READY_LIMIT = 60.0
 DATABASE = "dotmac"
 SLOT = "dotmac_standby"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _as_postgres(*command: str | Path) -> str:
@@ -215,8 +208,8 @@ async def _make() -> Replication:
     )
     directory = Path(tempfile.mkdtemp(prefix="dotmac-replication-"))
     os.chown(directory, owner.pw_uid, owner.pw_gid)
-    primary = Server(directory / "primary", bindir, _free_port())
-    standby = Server(directory / "standby", bindir, _free_port())
+    primary = Server(directory / "primary", bindir, dead_port())
+    standby = Server(directory / "standby", bindir, dead_port())
     for server in (primary, standby):
         server.directory.mkdir()
         os.chown(server.directory, owner.pw_uid, owner.pw_gid)

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from .conftest import PG_URL, service_unavailable
+from .faults import dead_port
 
 __all__ = ["POOL_SIZE", "pgbouncer"]
 
@@ -31,13 +32,6 @@ __all__ = ["POOL_SIZE", "pgbouncer"]
 POOL_SIZE = 2
 #: The user PgBouncer runs as when started by root (it refuses to run as root).
 RUN_AS = "postgres"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def _config(directory: Path, port: int) -> str:
@@ -106,7 +100,7 @@ def pgbouncer() -> Iterator[str]:
         missing = FileNotFoundError("pgbouncer is not installed")
         service_unavailable("PgBouncer", "pgbouncer", missing)
     directory = Path(tempfile.mkdtemp(prefix="dotmac-pgbouncer-"))
-    port = _free_port()
+    port = dead_port()
     user = make_url(PG_URL).username or RUN_AS
     (directory / "userlist.txt").write_text(f'"{user}" ""\n')
     config = directory / "pgbouncer.ini"

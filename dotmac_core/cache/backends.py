@@ -214,19 +214,16 @@ def _glob_escape(prefix: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
 
 
-def _failure_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the backend failed": any the Redis client raises.
-
-    Its own errors, the network's, and its bugs alike: redis-py's asyncio
-    connection has raised `AttributeError` ("'NoneType' object has no
-    attribute 'writelines'") or `TypeError` for a command sent on a
-    connection closed under it (seen with 5.x and 6.0 during cluster
-    failovers; redis/redis-py#4287 on Python 3.12 and later). Whatever the
-    client raises, the cache fails open (or raises `CacheUnavailableError`)
-    and the reason names the exception.
-    `RedisClusterException` (not a `RedisError` since redis-py 7) is covered.
-    """
-    return (Exception,)
+#: Exceptions that mean "the backend failed": any the Redis client raises.
+#: Its own errors, the network's, and its bugs alike: redis-py's asyncio
+#: connection has raised `AttributeError` ("'NoneType' object has no
+#: attribute 'writelines'") or `TypeError` for a command sent on a connection
+#: closed under it (seen with 5.x and 6.0 during cluster failovers;
+#: redis/redis-py#4287 on Python 3.12 and later). Whatever the client raises,
+#: the cache fails open (or raises `CacheUnavailableError`) and the reason
+#: names the exception; `RedisClusterException` (not a `RedisError` since
+#: redis-py 7) is covered too.
+_FAILURES: tuple[type[BaseException], ...] = (Exception,)
 
 
 def _answers() -> tuple[
@@ -295,7 +292,7 @@ class _RedisCommon:
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
-        self._failures = _failure_types()
+        self._failures = _FAILURES
         self._release = self._client.register_script(_RELEASE_SCRIPT)
         self._slots = _Slots(config.max_connections, config.socket_connect_timeout)
         #: Whether the client must be set up (alone) before its first command.

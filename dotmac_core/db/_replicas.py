@@ -25,7 +25,7 @@ import contextvars
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 from sqlalchemy import event
@@ -61,6 +61,8 @@ _WRITTEN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 _REPLAYED_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 #: Seconds between two probes of one replica's replay position.
 PROBE_EVERY = 0.01
+#: What `ReplicaSet._on_a_replica` gives when no replica may serve.
+_NO_REPLICA = object()
 #: `Session.info` key of the hook that reads the commit's WAL position.
 _AFTER_COMMIT = "dotmac_after_commit"
 
@@ -161,20 +163,15 @@ class ReplicaSet:
         for a conflict with its recovery (SQLSTATE 40001) hands it to the
         primary. Any other error is the read's own and is raised.
         """
-        while True:
-            member = self._choose()
-            if member is None:
+        try:
+            result = await self._on_a_replica(attempt)
+        except Exception as exc:
+            if isinstance(translate_error(exc), TransactionConflictError):
                 return await attempt(self.primary)
-            try:
-                return await attempt(member.database)
-            except Exception as exc:
-                error = translate_error(exc)
-                if _unusable(error):
-                    self._down(member, error)
-                    continue
-                if isinstance(error, TransactionConflictError):
-                    return await attempt(self.primary)
-                raise
+            raise
+        if result is _NO_REPLICA:
+            return await attempt(self.primary)
+        return cast("T", result)
 
     async def begin_on_replica(
         self, begin: Callable[[Database], Awaitable[T]]
@@ -183,12 +180,22 @@ class ReplicaSet:
 
         `None` when there is none: the transaction begins on the primary.
         """
+        result = await self._on_a_replica(begin)
+        return None if result is _NO_REPLICA else cast("T", result)
+
+    async def _on_a_replica(
+        self, attempt: Callable[[Database], Awaitable[T]]
+    ) -> object:
+        """`attempt` on the first usable replica, leaving out unusable ones.
+
+        `_NO_REPLICA` when none is left; any other error is raised.
+        """
         while True:
             member = self._choose()
             if member is None:
-                return None
+                return _NO_REPLICA
             try:
-                return await begin(member.database)
+                return await attempt(member.database)
             except Exception as exc:
                 error = translate_error(exc)
                 if not _unusable(error):
@@ -337,9 +344,7 @@ def carry(marks: Mapping[ReplicaSet, Written] | None) -> None:
 async def _fetch_value(database: Database, sql: str) -> Any:
     """One value of `sql`, on a pooled driver connection of `database`."""
     driver = driver_for(database.engine.sync_engine)
-    if driver is None:  # pragma: no cover - PostgreSQL databases have one
-        async with database.engine.connect() as conn:
-            return (await conn.exec_driver_sql(sql)).scalar()
+    assert driver is not None  # noqa: S101 - every PostgreSQL database has one
 
     async def fetch(connection: Any) -> Any:
         return await connection.fetchval(sql)

@@ -158,13 +158,15 @@ class Database:
             raise ConfigurationError(msg, field="replicas")
         self.replicas = tuple(
             Database(
-                config.model_copy(update={"url": SecretStr(str(url)), "replicas": []}),
+                config.model_copy(
+                    update={
+                        "url": SecretStr(url.render_as_string(hide_password=False)),
+                        "replicas": [],
+                    }
+                ),
                 **engine_options,
             )
-            for url in (
-                replica.render_as_string(hide_password=False)
-                for replica in config.replica_urls()
-            )
+            for url in config.replica_urls()
         )
         self._replica_set = ReplicaSet(self, self.replicas, config)
         driver = driver_for(self.engine.sync_engine)
